@@ -1,0 +1,149 @@
+"""llamabind's in-tree PEP 517 backend: scikit-build-core plus the accelerator setting.
+
+It adds two config settings (or environment variables) on top of scikit-build-core:
+
+* ``accelerator`` / ``LLAMABIND_ACCELERATOR``: ``cpu`` (default), ``cuda``, ``vulkan``,
+  ``metal``, ``hip``, ``sycl``, each optionally ``+rpc``. It sets the GGML_* CMake options
+  and names the wheel (``llamabind``, ``llamabind-cuda``, ...; all import as ``llamabind``).
+* ``portable`` / ``LLAMABIND_PORTABLE``: ``1`` builds a redistributable CPU build
+  (no ``-march=native``; the CPU variant is chosen at run time).
+
+Before anything builds, it checks the accelerator value and the C/C++ compilers, and makes
+sure the pinned llama.cpp source is in ``vendor/llama.cpp`` (fetching it by hash if not).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from scikit_build_core import build as _skb
+
+from . import accelerator as _acc
+from . import vendor as _vendor
+
+BASE_NAME = "llamabind"
+
+
+def _fail(message: str) -> None:
+    print(f"llamabind build: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _setting(config_settings: dict | None, key: str, env: str) -> str | None:
+    value = (config_settings or {}).get(key)
+    return value if value is not None else os.environ.get(env)
+
+
+def _prepare(config_settings: dict | None, *, compile: bool) -> tuple[dict, _acc.Accelerator]:
+    """Validate our settings, fetch the source, and translate to scikit-build-core settings."""
+    settings = {k: v for k, v in (config_settings or {}).items() if k not in ("accelerator", "portable")}
+    try:
+        accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
+    except _acc.AcceleratorError as e:
+        _fail(str(e))
+    defines = accel.cmake_defines()
+    if (_setting(config_settings, "portable", "LLAMABIND_PORTABLE") or "").lower() in ("1", "true", "on", "yes"):
+        defines.update(_acc.portable_defines())
+    for key, value in defines.items():
+        settings.setdefault(f"cmake.define.{key}", value)
+    if compile:
+        for what, env, names in (("C compiler", "CC", ("cc", "gcc", "clang")),
+                                 ("C++ compiler", "CXX", ("c++", "g++", "clang++"))):
+            wanted = os.environ.get(env)
+            found = shutil.which(wanted.split()[0]) if wanted else any(shutil.which(n) for n in names)
+            if not found:
+                _fail(f"no {what} found (set {env} or install one, e.g. `apt-get install build-essential`)")
+    try:
+        _vendor.ensure()
+    except _vendor.VendorError as e:
+        _fail(str(e))
+    return settings, accel
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _rename_dist_info(root: Path, old: str, accel: _acc.Accelerator) -> str:
+    """Rename ``{old}.dist-info`` under ``root`` for the accelerator; return the new directory name."""
+    new = old.replace(_normalise(BASE_NAME), _normalise(accel.distribution), 1)
+    (root / old).rename(root / new)
+    meta = root / new / "METADATA"
+    meta.write_text(re.sub(r"^Name: .*$", f"Name: {accel.distribution}", meta.read_text(), count=1, flags=re.M))
+    return new
+
+
+def _rename_wheel(directory: str, filename: str, accel: _acc.Accelerator) -> str:
+    """Rewrite a built wheel under the accelerator's distribution name (new RECORD included)."""
+    if accel.distribution == BASE_NAME:
+        return filename
+    src = Path(directory) / filename
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with zipfile.ZipFile(src) as zf:
+            zf.extractall(root)
+        old = next(p.name for p in root.glob("*.dist-info"))
+        new = _rename_dist_info(root, old, accel)
+        record_rows = []
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "RECORD")
+        for p in files:
+            data = p.read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record_rows.append(f"{p.relative_to(root).as_posix()},sha256={digest},{len(data)}")
+        record_rows.append(f"{new}/RECORD,,")
+        (root / new / "RECORD").write_text("\n".join(record_rows) + "\n")
+        out_name = _normalise(accel.distribution) + filename[len(_normalise(BASE_NAME)):]
+        with zipfile.ZipFile(Path(directory) / out_name, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files + [root / new / "RECORD"]:
+                zf.write(p, p.relative_to(root).as_posix())
+    src.unlink()
+    return out_name
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return _skb.get_requires_for_build_wheel(config_settings)
+
+
+def get_requires_for_build_sdist(config_settings=None):
+    return _skb.get_requires_for_build_sdist(config_settings)
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return _skb.get_requires_for_build_editable(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    settings, accel = _prepare(config_settings, compile=False)
+    name = _skb.prepare_metadata_for_build_wheel(metadata_directory, settings)
+    return name if accel.distribution == BASE_NAME else _rename_dist_info(Path(metadata_directory), name, accel)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    settings, accel = _prepare(config_settings, compile=False)
+    name = _skb.prepare_metadata_for_build_editable(metadata_directory, settings)
+    return name if accel.distribution == BASE_NAME else _rename_dist_info(Path(metadata_directory), name, accel)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    settings, accel = _prepare(config_settings, compile=True)
+    filename = _skb.build_wheel(wheel_directory, settings, None)
+    return _rename_wheel(wheel_directory, filename, accel)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    settings, accel = _prepare(config_settings, compile=True)
+    filename = _skb.build_editable(wheel_directory, settings, None)
+    return _rename_wheel(wheel_directory, filename, accel)
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    settings, _ = _prepare(config_settings, compile=False)
+    return _skb.build_sdist(sdist_directory, settings)

@@ -1,0 +1,163 @@
+"""Fetch the pinned llama.cpp source into ``vendor/llama.cpp/``.
+
+The pin (``vendor/pin.json``) names a source distribution on the package
+registry, its SHA-256 and the subtrees the build needs. The archive is fetched
+with ``pip download``, verified, and only the listed subtrees are extracted,
+first into a temporary directory that is renamed into place once complete, so
+a failed or refused fetch never leaves a half-extracted tree behind.
+
+Usage: ``python build_backend/vendor.py [--archive FILE] [--force]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN_FILE = ROOT / "vendor" / "pin.json"
+DEST = ROOT / "vendor" / "llama.cpp"
+STAMP = ".llamabind-pin"
+
+
+class VendorError(RuntimeError):
+    """The pinned source could not be fetched, verified or extracted."""
+
+
+def load_pin(path: Path = PIN_FILE) -> dict:
+    return json.loads(path.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(archive: Path, pin: dict) -> None:
+    """Raise VendorError unless ``archive`` has the pinned hash."""
+    actual = sha256_file(archive)
+    if actual != pin["sha256"]:
+        raise VendorError(
+            f"{archive.name}: sha256 {actual} does not match the pin {pin['sha256']} "
+            f"(truncated or tampered download?); refusing to use it"
+        )
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llamabind" / "sources"
+
+
+def download(pin: dict, into: Path) -> Path:
+    """Fetch the pinned sdist with pip into ``into`` (reused when already there and valid)."""
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / pin["filename"]
+    if target.exists():
+        try:
+            verify(target, pin)
+            return target
+        except VendorError:
+            target.unlink()
+    spec = f"{pin['package']}=={pin['version']}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin["package"],
+           "--disable-pip-version-check", "-d", str(into), spec]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not target.exists():
+        tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+        raise VendorError(
+            f"could not download {spec} from the package registry (no network?): {tail[0]}"
+        )
+    verify(target, pin)
+    return target
+
+
+def _member_wanted(name: str, root: str, subtrees: list[str]) -> str | None:
+    """Return the path relative to the llama.cpp root if ``name`` lies in a wanted subtree."""
+    if not name.startswith(root + "/"):
+        return None
+    rel = name[len(root) + 1:]
+    for sub in subtrees:
+        if rel == sub or rel.startswith(sub + "/"):
+            return rel
+    return None
+
+
+def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
+    """Extract the pinned subtrees of ``archive`` into ``dest`` atomically."""
+    verify(archive, pin)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                rel = _member_wanted(member.name, pin["root"], pin["subtrees"])
+                if rel is None or not (member.isfile() or member.isdir()):
+                    continue
+                if ".." in Path(rel).parts:
+                    raise VendorError(f"unsafe path in archive: {member.name}")
+                out = tmp / rel
+                if member.isdir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with open(out, "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.chmod(out, 0o755 if member.mode & 0o111 else 0o644)
+        missing = [s for s in pin["subtrees"] if not (tmp / s).exists()]
+        if missing:
+            raise VendorError(f"pinned archive lacks subtrees: {', '.join(missing)}")
+        (tmp / STAMP).write_text(pin["sha256"] + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def is_current(pin: dict, dest: Path = DEST) -> bool:
+    stamp = dest / STAMP
+    return stamp.exists() and stamp.read_text().strip() == pin["sha256"]
+
+
+def ensure(archive: Path | None = None, force: bool = False, dest: Path = DEST) -> Path:
+    """Make sure ``dest`` holds the pinned source; fetch and extract it when it does not."""
+    pin = load_pin()
+    if not force and is_current(pin, dest):
+        return dest
+    if archive is None:
+        env = os.environ.get("LLAMABIND_LLAMA_SDIST")
+        archive = Path(env) if env else download(pin, cache_dir())
+    return extract(Path(archive), pin, dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archive", type=Path, help="use this local sdist instead of downloading")
+    ap.add_argument("--force", action="store_true", help="re-extract even if the tree is current")
+    args = ap.parse_args(argv)
+    try:
+        path = ensure(args.archive, args.force)
+    except VendorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

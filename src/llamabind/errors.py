@@ -1,0 +1,77 @@
+"""The exceptions llamabind raises; every failure of llama.cpp becomes one of these.
+
+    LlamaError
+    ├── ClosedError            a handle used after close() (also a ValueError, like closed files)
+    ├── ModelLoadError         a model or adapter file that cannot be loaded
+    │   └── ModelNotFoundError     the path does not exist (also a FileNotFoundError)
+    ├── InvalidInputError      bad tokens, text, grammar, batch, image ... (also a ValueError)
+    │   └── ContextOverflowError   more tokens than the context (or sequence) holds
+    ├── DecodeError            llama_decode/llama_encode failed (``code`` holds the return value)
+    │   ├── KVCacheFullError       no room in the KV cache for the batch (code 1)
+    │   └── AbortedError           stopped by the abort callback (code 2)
+    ├── BusyError              a context already driven by another generation or thread
+    └── MtmdError              libmtmd failed (tokenize, encode, load a projector)
+"""
+
+from __future__ import annotations
+
+
+class LlamaError(Exception):
+    """Base class of every llamabind error."""
+
+
+class ClosedError(LlamaError, ValueError):
+    """A handle (model, context, sampler, ...) was used after it was closed."""
+
+
+class ModelLoadError(LlamaError):
+    """A model, adapter or projector file could not be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path does not exist."""
+
+
+class InvalidInputError(LlamaError, ValueError):
+    """Input that llama.cpp would reject or crash on: checked before calling it."""
+
+
+class ContextOverflowError(InvalidInputError):
+    """The tokens do not fit in the context (or the sequence's share of it)."""
+
+
+class DecodeError(LlamaError):
+    """llama_decode or llama_encode returned an error code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KVCacheFullError(DecodeError):
+    """No KV-cache slot could hold the batch (llama_decode returned 1)."""
+
+
+class AbortedError(DecodeError):
+    """The computation was stopped by the abort callback (llama_decode returned 2)."""
+
+
+class BusyError(LlamaError):
+    """The context is already being driven by another generation."""
+
+
+class MtmdError(LlamaError):
+    """libmtmd reported a failure."""
+
+
+def check_decode(rc: int, what: str = "llama_decode") -> None:
+    """Turn a llama_decode/llama_encode return code into an exception (0 is success)."""
+    if rc == 0:
+        return
+    if rc == 1:
+        raise KVCacheFullError(f"{what}: no KV-cache slot for the batch (context full)", rc)
+    if rc == 2:
+        raise AbortedError(f"{what}: aborted", rc)
+    if rc == -1:
+        raise DecodeError(f"{what}: invalid batch (see the llamabind log for the reason)", rc)
+    raise DecodeError(f"{what}: failed with code {rc} (see the llamabind log)", rc)
