@@ -42,11 +42,31 @@ extern "Python" bool _llamabind_eval(struct ggml_tensor * t, bool ask, void * us
 # Small C helpers for hot paths that must not enter Python.
 C_HELPERS_CDEF = """
 bool _llamabind_flag_abort(void * flag);
+int32_t _llamabind_native_loop(struct llama_context * ctx, struct llama_sampler * smpl, int32_t n, llama_token * out);
 """
 C_HELPERS = """
 /* Abort callback reading an int flag: cancellation with no Python call per graph node. */
 static bool _llamabind_flag_abort(void * flag) {
     return flag != NULL && *(volatile int *) flag != 0;
+}
+
+/* The reference native decode loop for measuring llamabind's per-token overhead: the same
+   calls as llamabind.generate (sample, token_to_piece, decode), n times, in plain C. */
+static int32_t _llamabind_native_loop(struct llama_context * ctx, struct llama_sampler * smpl,
+                                      int32_t n, llama_token * out) {
+    const struct llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
+    char piece[256];
+    for (int32_t i = 0; i < n; i++) {
+        out[i] = llama_sampler_sample(smpl, ctx, -1);
+        if (llama_token_to_piece(vocab, out[i], piece, sizeof(piece), 0, false) < 0) {
+            return -1;
+        }
+        int32_t rc = llama_decode(ctx, llama_batch_get_one(&out[i], 1));
+        if (rc != 0) {
+            return -100 - rc;
+        }
+    }
+    return n;
 }
 """
 

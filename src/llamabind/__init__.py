@@ -20,9 +20,28 @@ from .errors import (
     MtmdError,
 )
 from .system import __version__, system_info
+from .model import LoraAdapter, Model
+from .vocab import Detokenizer, Vocab
+from .batch import Batch
+from .context import Context, Memory, PerfData
+from .sampler import PySampler, Sampler, TokenDataArray
+from .generate import (
+    Cancel,
+    DoneEvent,
+    TokenEvent,
+    Timings,
+    Usage,
+    complete,
+    generate,
+    generate_after,
+    generate_many,
+)
 
 __all__ = [
     "ffi", "lib", "__version__", "system_info",
+    "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "PerfData",
+    "Sampler", "PySampler", "TokenDataArray",
+    "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",
     "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
     "ModelNotFoundError", "MtmdError",

@@ -35,6 +35,7 @@ class _LogState(threading.local):
     def __init__(self) -> None:
         self.level = logging.INFO
         self.buffer = ""
+        self.errors: list[str] = []
 
 
 _log_state = _LogState()
@@ -49,10 +50,19 @@ def _llamabind_log(level: int, text, user_data) -> None:
     if "\n" not in state.buffer:
         return
     *lines, state.buffer = state.buffer.split("\n")
+    if state.level >= logging.ERROR:
+        state.errors.extend(line.strip() for line in lines if line.strip())
+        del state.errors[:-8]
     if logger.isEnabledFor(state.level):
         for line in lines:
             if line.strip():
                 logger.log(state.level, "%s", line)
+
+
+def take_errors() -> str:
+    """The error lines llama.cpp logged on this thread since the last call, joined ("" if none)."""
+    errors, _log_state.errors = _log_state.errors, []
+    return "; ".join(errors)
 
 
 def _init() -> None:

@@ -1,0 +1,116 @@
+"""Batches of tokens (or embeddings) for llama_decode, held in numpy arrays.
+
+The ``llama_batch`` struct points straight into the arrays, so filling a batch is numpy
+slicing, with no per-token Python loop and no llama_batch_init/free to pair up.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from .binding import ffi
+from .errors import InvalidInputError
+from .vocab import as_tokens
+
+
+class Batch:
+    """Room for ``capacity`` tokens, each in up to ``n_seq_max`` sequences.
+
+    With ``embd`` > 0 the batch carries float32 input embeddings of that width instead
+    of token ids (``batch.embd``). Arrays (``token``, ``pos``, ``n_seq_id``, ``seq_id``,
+    ``logits``) may be written directly; ``n_tokens`` says how many rows are used.
+    """
+
+    def __init__(self, capacity: int, n_seq_max: int = 1, embd: int = 0) -> None:
+        if capacity < 1 or n_seq_max < 1 or embd < 0:
+            raise InvalidInputError("batch capacity and n_seq_max must be >= 1, embd >= 0")
+        self.capacity = capacity
+        self.n_seq_max = n_seq_max
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.embd = np.zeros((capacity, embd), dtype=np.float32) if embd else None
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros((capacity, n_seq_max), dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # One pointer per row into seq_id, computed by numpy rather than a loop.
+        self._seq_ptrs = (np.arange(capacity, dtype=np.uint64) * np.uint64(self.seq_id.strides[0])
+                          + np.uint64(self.seq_id.ctypes.data))
+        s = ffi.new("llama_batch *")
+        s.token = ffi.NULL if embd else ffi.cast("llama_token *", self.token.ctypes.data)
+        s.embd = ffi.cast("float *", self.embd.ctypes.data) if embd else ffi.NULL
+        s.pos = ffi.cast("llama_pos *", self.pos.ctypes.data)
+        s.n_seq_id = ffi.cast("int32_t *", self.n_seq_id.ctypes.data)
+        s.seq_id = ffi.cast("llama_seq_id **", self._seq_ptrs.ctypes.data)
+        s.logits = ffi.cast("int8_t *", self.logits.ctypes.data)
+        self._struct = s
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, tokens: Iterable[int] | np.ndarray, pos0: int | np.ndarray, seq_id: int | Iterable[int] = 0,
+            logits: bool | str | np.ndarray = "last") -> slice:
+        """Append tokens of one or more sequences at positions ``pos0, pos0+1, ...`` (or given positions).
+
+        ``logits``: ``"last"`` (only the final token), ``"all"``, False, or a bool array.
+        Returns the slice of rows written.
+        """
+        toks = as_tokens(tokens)
+        n = toks.size
+        return self._add(n, pos0, seq_id, logits, toks=toks)
+
+    def add_embd(self, embd: np.ndarray, pos0: int | np.ndarray, seq_id: int | Iterable[int] = 0,
+                 logits: bool | str | np.ndarray = "last") -> slice:
+        """Append rows of input embeddings (a batch made with ``embd`` > 0)."""
+        if self.embd is None:
+            raise InvalidInputError("this batch holds tokens; create it with embd=n_embd")
+        arr = np.asarray(embd, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.embd.shape[1]:
+            raise InvalidInputError(f"embeddings must have shape (n, {self.embd.shape[1]}), got {arr.shape}")
+        return self._add(arr.shape[0], pos0, seq_id, logits, embd=arr)
+
+    def _add(self, n: int, pos0, seq_id, logits, toks=None, embd=None) -> slice:
+        start = self.n_tokens
+        end = start + n
+        if n == 0:
+            raise InvalidInputError("cannot add an empty token list to a batch")
+        if end > self.capacity:
+            raise InvalidInputError(f"batch overflow: {end} tokens > capacity {self.capacity}")
+        rows = slice(start, end)
+        if toks is not None:
+            if self.embd is not None:
+                raise InvalidInputError("this batch holds embeddings; use add_embd")
+            self.token[rows] = toks
+        else:
+            self.embd[rows] = embd
+        if np.isscalar(pos0):
+            self.pos[rows] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        else:
+            self.pos[rows] = np.asarray(pos0, dtype=np.int32)
+        seqs = np.atleast_1d(np.asarray(seq_id, dtype=np.int32))
+        if seqs.ndim != 1 or not 1 <= seqs.size <= self.n_seq_max:
+            raise InvalidInputError(f"a token belongs to 1..{self.n_seq_max} sequences, got {seqs.size}")
+        self.seq_id[rows, : seqs.size] = seqs
+        self.n_seq_id[rows] = seqs.size
+        if isinstance(logits, str):
+            if logits not in ("last", "all"):
+                raise InvalidInputError(f"logits must be 'last', 'all', a bool or a bool array, not {logits!r}")
+            self.logits[rows] = 1 if logits == "all" else 0
+            if logits == "last":
+                self.logits[end - 1] = 1
+        else:
+            self.logits[rows] = np.asarray(logits, dtype=np.int8)
+        self.n_tokens = end
+        return rows
+
+    @property
+    def n_outputs(self) -> int:
+        """How many rows request logits/embeddings."""
+        return int(np.count_nonzero(self.logits[: self.n_tokens]))
+
+    def struct(self):
+        """The ``llama_batch`` value to pass to llama_decode (valid while this object lives)."""
+        self._struct.n_tokens = self.n_tokens
+        return self._struct[0]

@@ -1,0 +1,207 @@
+"""Benchmark harness: llamabind's decode loop against native llama.cpp (llama-bench) in one run.
+
+Rows follow llama-bench's names (``pp512``, ``tg128``). Native runs alternate with ours
+(A B A B ...), so a noisy machine hurts both sides alike; the ratio is taken per pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .binding import ffi, lib
+from .context import Context
+from .generate import DoneEvent, generate, generate_many
+from .model import Model
+from .sampler import Sampler
+
+
+@dataclass
+class Row:
+    """One measured row: ``tps`` is the median over repetitions."""
+
+    test: str
+    impl: str
+    tps: float
+    tps_min: float
+    tps_max: float
+    n_threads: int
+    model: str
+    samples: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def as_json(self) -> str:
+        d = asdict(self)
+        d.pop("samples")
+        d.update(d.pop("extra"))
+        return json.dumps(d)
+
+
+def _row(test: str, impl: str, samples: list[float], n_threads: int, model: str, **extra) -> Row:
+    return Row(test, impl, statistics.median(samples), min(samples), max(samples), n_threads, model,
+               samples, extra)
+
+
+def _random_tokens(model: Model, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = model.vocab
+    toks = rng.integers(100, min(v.n_tokens, 30000), size=n, dtype=np.int32)
+    if v.bos is not None:
+        toks[0] = v.bos
+    return toks
+
+
+def pp_once(ctx: Context, tokens: np.ndarray) -> float:
+    """Prompt tok/s of one prefill through ``generate`` (cache cleared first)."""
+    ctx.memory.clear()
+    t0 = time.perf_counter()
+    for ev in generate(ctx, tokens, max_tokens=1, reuse_cache=False, ignore_eog=True):
+        if not isinstance(ev, DoneEvent):
+            dt = time.perf_counter() - t0
+    return tokens.size / dt
+
+
+def tg_once(ctx: Context, model: Model, n: int) -> float:
+    """Generation tok/s of ``n`` decodes through ``generate`` (greedy, ignoring end-of-generation)."""
+    ctx.memory.clear()
+    start = [model.vocab.bos if model.vocab.bos is not None else 1]
+    t0 = time.perf_counter()
+    for _ in generate(ctx, start, max_tokens=n, reuse_cache=False, ignore_eog=True):
+        pass
+    return n / (time.perf_counter() - t0)
+
+
+def native_once(bench: Path, model_path: str, p: int, n: int, threads: int) -> float:
+    """One llama-bench measurement (its own timing of the test, model load excluded)."""
+    cmd = [str(bench), "-m", model_path, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1",
+           "-o", "jsonl", "-ngl", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    return float(json.loads(line)["avg_ts"])
+
+
+def per_token_overhead(ctx: Context, model: Model, n: int = 256, reps: int = 5) -> tuple[list[float], list[float]]:
+    """Seconds per token: llamabind's full loop vs a native C loop making the same calls."""
+    ours, native = [], []
+    start = [model.vocab.bos if model.vocab.bos is not None else 1]
+    out = ffi.new("llama_token[]", n)
+    for _ in range(reps):
+        ctx.memory.clear()
+        t0 = time.perf_counter()
+        for _ in generate(ctx, start, max_tokens=n, reuse_cache=False, ignore_eog=True):
+            pass
+        ours.append((time.perf_counter() - t0) / n)
+        ctx.memory.clear()
+        with Sampler.greedy() as smpl:
+            b = ffi.new("llama_token[]", start)
+            t0 = time.perf_counter()
+            lib.llama_decode(ctx.ptr, lib.llama_batch_get_one(b, 1))
+            rc = lib._llamabind_native_loop(ctx.ptr, smpl.ptr, n - 1, out)
+            native.append((time.perf_counter() - t0) / n)
+        if rc < 0:
+            raise RuntimeError(f"native loop failed: {rc}")
+    return ours, native
+
+
+def parallel_tps(ctx: Context, model: Model, k: int, n: int) -> float:
+    """Aggregate generation tok/s for ``k`` sequences decoded together."""
+    ctx.memory.clear()
+    prompts = [_random_tokens(model, 8, seed=i) for i in range(k)]
+    t0 = time.perf_counter()
+    total = 0
+    for ev in generate_many(ctx, prompts, max_tokens=n, ignore_eog=True):
+        if isinstance(ev, DoneEvent):
+            total += ev.usage.completion_tokens
+    return total / (time.perf_counter() - t0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = None, reps: int = 5,
+        native: str | None = None, parallel: Iterable[int] = (), overhead_model: str | None = None,
+        emit: Callable[[Row], None] = lambda r: None) -> list[Row]:
+    """Measure every requested row; ``emit`` is called as each row completes."""
+    threads = threads or os.cpu_count() or 1
+    name = Path(model_path).name
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        emit(row)
+
+    t0 = time.perf_counter()
+    model = Model(model_path)
+    load_s = time.perf_counter() - t0
+    bench = Path(native) if native else None
+    if bench is not None and bench.is_dir():
+        bench = bench / "llama-bench"
+    with model, Context(model, n_ctx=max(p, n) + 64, n_batch=max(p, 512), n_threads=threads) as ctx:
+        tokens = _random_tokens(model, p)
+        pp_once(ctx, tokens)  # warm up
+        tg_once(ctx, model, 8)
+        for test, ours_fn, args in ((f"pp{p}", lambda: pp_once(ctx, tokens), (p, 0)),
+                                    (f"tg{n}", lambda: tg_once(ctx, model, n), (0, n))):
+            if not args[0] and not args[1]:
+                continue
+            a, b = [], []
+            for _ in range(reps):
+                a.append(ours_fn())
+                if bench is not None:
+                    b.append(native_once(bench, model_path, *args, threads))
+            if b:
+                ratios = [x / y for x, y in zip(a, b)]
+                add(_row(test, "llamabind", a, threads, name, ratio=statistics.median(ratios),
+                         ratio_min=min(ratios), ratio_max=max(ratios)))
+                add(_row(test, "native", b, threads, name))
+            else:
+                add(_row(test, "llamabind", a, threads, name))
+        ks = list(parallel)
+        if ks:
+            with Context(model, n_ctx=(n + 16) * max(ks), n_seq_max=max(ks), n_threads=threads) as pctx:
+                for k in ks:
+                    samples = [parallel_tps(pctx, model, k, n) for _ in range(max(1, reps // 2))]
+                    add(_row(f"tg{n}x{k}", "llamabind", samples, threads, name, n_seq=k))
+    if overhead_model:
+        with Model(overhead_model) as tiny, Context(tiny, n_ctx=1024, n_threads=1) as tctx:
+            per_token_overhead(tctx, tiny, 64, 1)  # warm up
+            ours, nat = per_token_overhead(tctx, tiny, 512, reps)
+            diff = [1e6 * (a - b) for a, b in zip(ours, nat)]
+            add(_row("overhead", "llamabind", [1 / x for x in ours], 1, Path(overhead_model).name,
+                     us_per_token=statistics.median([1e6 * x for x in ours]),
+                     overhead_us=statistics.median(diff), overhead_us_min=min(diff), overhead_us_max=max(diff)))
+            add(_row("overhead", "native", [1 / x for x in nat], 1, Path(overhead_model).name,
+                     us_per_token=statistics.median([1e6 * x for x in nat])))
+    add(Row("load", "llamabind", 0.0, 0.0, 0.0, threads, name, [],
+            {"load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| model | impl | test | t | tok/s (median) | min | max | notes |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        notes = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+        lines.append(f"| {r.model} | {r.impl} | {r.test} | {r.n_threads} | {r.tps:.2f} | {r.tps_min:.2f} | "
+                     f"{r.tps_max:.2f} | {notes} |")
+    return "\n".join(lines)
+
+
+def find_native(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    env = os.environ.get("LLAMABIND_TOOLS_DIR")
+    if env and (Path(env) / "llama-bench").is_file():
+        return str(Path(env) / "llama-bench")
+    return shutil.which("llama-bench")

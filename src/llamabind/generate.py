@@ -1,0 +1,413 @@
+"""The decode loop: prompt prefill with KV-prefix reuse, sampling, streaming UTF-8-safe text,
+stop strings, limits, cancellation, and several sequences decoded together.
+
+``generate(ctx, prompt)`` streams ``TokenEvent``s and ends with one ``DoneEvent``;
+``generate_many(ctx, prompts)`` does the same for N prompts in one context (one batch
+per step), each event tagged with its prompt's ``index``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+
+from .batch import Batch
+from .binding import ffi, lib
+from .context import Context
+from .errors import AbortedError, ContextOverflowError, InvalidInputError, check_decode
+from .sampler import Sampler
+from .vocab import as_tokens
+
+Prompt = Union[str, Sequence[int], np.ndarray]
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token and the text it released (held-back or incomplete text comes later).
+
+    ``token`` is None for the final flush of held-back text when generation ends.
+    """
+
+    token: int | None
+    text: str
+    index: int = 0
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Timings:
+    """Wall-clock time to first token, and llama.cpp's own prompt and generation rates."""
+
+    ttft_s: float
+    prompt_tps: float
+    generation_tps: float
+    prompt_ms: float
+    generation_ms: float
+
+
+@dataclass(slots=True)
+class DoneEvent:
+    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``), counts, timings."""
+
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    index: int = 0
+
+
+class Cancel:
+    """Cancels a running generation from any thread, also in the middle of a prompt prefill.
+
+    The flag is read by a C abort callback between graph nodes, so waiting for it costs
+    nothing; the context stays usable afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._flag = ffi.new("int *")
+
+    def set(self) -> None:
+        self._flag[0] = 1
+
+    def clear(self) -> None:
+        self._flag[0] = 0
+
+    def is_set(self) -> bool:
+        return self._flag[0] != 0
+
+
+class StopMatcher:
+    """Releases text unless it may still become one of the stop strings."""
+
+    __slots__ = ("stops", "pending")
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        pending = self.pending + text
+        hit = -1
+        for s in self.stops:
+            i = pending.find(s)
+            if i >= 0 and (hit < 0 or i < hit):
+                hit = i
+        if hit >= 0:
+            self.pending = ""
+            return pending[:hit], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(pending)), hold, -1):
+                if pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(pending) - hold
+        self.pending = pending[cut:]
+        return pending[:cut], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def render_prompt(ctx: Context, prompt: Prompt | None = None, messages: Messages | None = None,
+                  template: str | None = None, add_special: bool = True,
+                  parse_special: bool = True) -> np.ndarray:
+    """Tokens for a text prompt, a token list, or chat messages rendered with the chat template."""
+    vocab = ctx.vocab
+    if messages is not None:
+        if prompt is not None:
+            raise InvalidInputError("give a prompt or messages, not both")
+        text = ctx.model.apply_chat_template(messages, True, template)
+        bos = vocab.bos
+        starts_with_bos = bos is not None and text.startswith(vocab.text(bos))
+        tokens = vocab.tokenize(text, add_special=add_special and not starts_with_bos, parse_special=True)
+    elif isinstance(prompt, (str, bytes)):
+        tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+    elif prompt is None:
+        raise InvalidInputError("a prompt or messages is required")
+    else:
+        tokens = as_tokens(prompt)
+        vocab.check_tokens(tokens)
+    if tokens.size == 0:
+        raise InvalidInputError("empty prompt: nothing to decode")
+    return tokens
+
+
+class _Seq:
+    """Per-sequence state of a generation."""
+
+    __slots__ = ("index", "seq_id", "sampler", "detok", "stop", "max_tokens", "prompt", "n_cached",
+                 "n_pos", "out", "text", "reason", "hit", "pending_token", "row", "t_first", "n_prompt",
+                 "ignore_eog")
+
+    def __init__(self, ctx: Context, index: int, seq_id: int, prompt: np.ndarray, sampler: Sampler,
+                 stop: Iterable[str], max_tokens: int) -> None:
+        self.index, self.seq_id, self.prompt, self.sampler = index, seq_id, prompt, sampler
+        self.detok = ctx.vocab.detokenizer()
+        self.stop = StopMatcher(stop)
+        self.max_tokens = max_tokens
+        self.n_cached = 0
+        self.n_pos = 0          # tokens of this sequence in the KV cache
+        self.out: list[int] = []
+        self.text: list[str] = []
+        self.reason: str | None = None
+        self.hit = False         # ended by a stop string
+        self.pending_token = -1  # sampled, not yet decoded
+        self.row = -1            # batch row whose logits this sequence samples from
+        self.t_first = 0.0
+        self.n_prompt = int(prompt.size)
+        self.ignore_eog = False
+
+
+def _prefix_len(history: list[int] | None, tokens: np.ndarray) -> int:
+    if not history:
+        return 0
+    n = min(len(history), tokens.size)
+    diff = np.flatnonzero(np.asarray(history[:n], dtype=np.int32) != tokens[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def _reuse_prefix(ctx: Context, seqs: list[_Seq], reuse_cache: bool) -> None:
+    """Keep each sequence's longest cached prompt prefix in the KV cache and drop the rest."""
+    mem = ctx.memory
+    can_reuse = reuse_cache and not (ctx.model.is_recurrent or ctx.model.is_hybrid)
+    for s in seqs:
+        n_keep = _prefix_len(ctx._history.get(s.seq_id), s.prompt) if can_reuse else 0
+        n_keep = min(n_keep, s.prompt.size - 1)  # the last prompt token is decoded for its logits
+        if n_keep > 0 and mem.seq_rm(s.seq_id, n_keep, -1):
+            s.n_cached = n_keep
+        else:
+            n_keep = 0
+            mem.seq_rm(s.seq_id, -1, -1)
+        ctx._history[s.seq_id] = s.prompt[:n_keep].tolist()
+        s.n_pos = n_keep
+
+
+def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEvent | None:
+    """Sample the next token of ``s`` from its batch row; set ``s.reason`` when it ends."""
+    if cancel is not None and cancel._flag[0]:
+        s.reason = "cancelled"
+        return None
+    tok = lib.llama_sampler_sample(s.sampler._ptr, ctx._ptr, s.row)
+    if not s.t_first:
+        s.t_first = time.perf_counter() - t0
+    if lib.llama_vocab_is_eog(ctx.vocab._vptr, tok) and not s.ignore_eog:
+        s.reason = "stop"
+        return None
+    s.out.append(tok)
+    text, hit = s.stop.push(s.detok.feed(tok))
+    if text:
+        s.text.append(text)
+    if hit:
+        s.reason, s.hit = "stop", True
+    elif len(s.out) >= s.max_tokens or s.n_pos >= ctx.n_ctx_seq:
+        s.reason = "length"
+    else:
+        s.pending_token = tok
+    return TokenEvent(tok, text, s.index)
+
+
+def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | None) -> Iterator:
+    """Drive all sequences to completion, yielding TokenEvent and DoneEvent objects."""
+    ctx._acquire()
+    t0 = time.perf_counter()
+    try:
+        if cancel is not None:
+            lib.llama_set_abort_callback(ctx.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
+        ctx.perf_reset()
+        batch = Batch(ctx.n_batch, 1)
+        # Sequences whose input was already decoded (media chunks) sample from the last output.
+        for s in seqs:
+            if s.prompt.size == 0:
+                ev = _sample(ctx, s, cancel, t0)
+                if ev is not None:
+                    yield ev
+        seqs_todo = [s for s in seqs if s.prompt.size]
+        _reuse_prefix(ctx, seqs_todo, reuse_cache)
+        # Prefill: the rest of every prompt, packed into batches of at most n_batch tokens; a
+        # sequence samples its first token right after the batch holding its last prompt token.
+        todo = seqs_todo
+        while todo:
+            batch.clear()
+            room, in_batch = ctx.n_batch, []
+            for s in todo:
+                if room == 0:
+                    break
+                take = min(room, s.prompt.size - s.n_pos)
+                last = s.n_pos + take == s.prompt.size
+                rows = batch.add(s.prompt[s.n_pos:s.n_pos + take], s.n_pos, s.seq_id,
+                                 logits="last" if last else False)
+                in_batch.append((s, take))
+                room -= take
+                s.row = rows.stop - 1
+            try:
+                ctx._decode(batch)
+            except AbortedError:
+                for s in seqs:  # drop whatever the aborted batch may have written
+                    ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
+                    s.reason = s.reason or "cancelled"
+                break
+            for s, take in in_batch:
+                ctx._history[s.seq_id].extend(s.prompt[s.n_pos:s.n_pos + take].tolist())
+                s.n_pos += take
+                if s.n_pos == s.prompt.size:
+                    ev = _sample(ctx, s, cancel, t0)
+                    if ev is not None:
+                        yield ev
+            todo = [s for s in todo if s.n_pos < s.prompt.size and s.reason is None]
+        # Generation: one batch per step holding the next token of every active sequence.
+        tok_arr, pos_arr, seq_arr, logit_arr = batch._struct.token, batch._struct.pos, batch.seq_id, batch.logits
+        cptr = ctx.ptr
+        active = [s for s in seqs if s.reason is None]
+        while active:
+            for r, s in enumerate(active):
+                tok_arr[r] = s.pending_token
+                pos_arr[r] = s.n_pos
+                seq_arr[r, 0] = s.seq_id
+                logit_arr[r] = 1
+                s.row = r
+            batch.n_tokens = len(active)
+            with ctx._lock:
+                rc = lib.llama_decode(cptr, batch.struct())
+            ctx._out_rows, ctx._n_outputs = None, (len(active) if rc == 0 else 0)
+            if rc == 2:
+                for s in active:
+                    ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
+                    s.reason = "cancelled"
+                break
+            check_decode(rc)
+            for s in active:
+                ctx._history[s.seq_id].append(s.pending_token)
+                s.n_pos += 1
+                ev = _sample(ctx, s, cancel, t0)
+                if ev is not None:
+                    yield ev
+            active = [s for s in active if s.reason is None]
+        perf = ctx.perf()
+        for s in seqs:
+            tail = "" if s.hit else s.stop.flush() + s.detok.flush()
+            if tail:
+                s.text.append(tail)
+                yield TokenEvent(None, tail, s.index)
+            yield DoneEvent(
+                finish_reason=s.reason or "cancelled",
+                usage=Usage(s.n_prompt, s.n_cached, len(s.out)),
+                timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
+                text="".join(s.text), tokens=s.out, index=s.index)
+    finally:
+        if cancel is not None:
+            ctx._restore_abort()
+        ctx._release()
+
+
+def _check_fit(ctx: Context, tokens: np.ndarray, index: int = 0) -> None:
+    if tokens.size >= ctx.n_ctx_seq:
+        raise ContextOverflowError(
+            f"prompt {index} has {tokens.size} tokens; the context holds {ctx.n_ctx_seq} per sequence "
+            f"(leave room to generate: raise n_ctx or shorten the prompt)")
+
+
+def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages | None = None,
+             max_tokens: int = 256, sampler: Sampler | None = None, stop: Iterable[str] = (),
+             seq_id: int = 0, cancel: Cancel | None = None, reuse_cache: bool = True,
+             template: str | None = None, add_special: bool = True, parse_special: bool = True,
+             ignore_eog: bool = False) -> Iterator[TokenEvent | DoneEvent]:
+    """Stream the continuation of ``prompt`` (text or tokens) or chat ``messages``.
+
+    Only the part of the prompt after the longest prefix already in the sequence's KV cache
+    is decoded (``usage.cached_tokens``). A prompt that does not fit raises
+    ContextOverflowError before anything is decoded. Greedy when ``sampler`` is None.
+    ``ignore_eog`` keeps going past end-of-generation tokens (benchmarks).
+    """
+    tokens = render_prompt(ctx, prompt, messages, template, add_special, parse_special)
+    ctx.memory._check_seq(seq_id)
+    _check_fit(ctx, tokens)
+    if max_tokens < 1:
+        raise InvalidInputError("max_tokens must be >= 1")
+    seq = _Seq(ctx, 0, seq_id, tokens, sampler or Sampler.greedy(), stop, max_tokens)
+    seq.ignore_eog = ignore_eog
+    return _run(ctx, [seq], reuse_cache=reuse_cache, cancel=cancel)
+
+
+def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | Sequence[int] = 256,
+                  samplers: Sequence[Sampler] | Callable[[int], Sampler] | None = None,
+                  stop: Iterable[str] | Sequence[Iterable[str]] = (), cancel: Cancel | None = None,
+                  add_special: bool = True, parse_special: bool = True,
+                  ignore_eog: bool = False) -> Iterator[TokenEvent | DoneEvent]:
+    """Generate for several prompts at once, sequence ids 0..N-1, one batch per step.
+
+    Each prompt has its own sampler (a list, or a factory called with the index; greedy by
+    default), stop strings and token limit; events carry the prompt's ``index``.
+    """
+    if not prompts:
+        raise InvalidInputError("no prompts")
+    n = len(prompts)
+    if n > ctx.n_seq_max or n > ctx.n_batch:
+        raise InvalidInputError(f"{n} prompts but the context has n_seq_max={ctx.n_seq_max}, n_batch={ctx.n_batch}")
+    limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+    stops = list(stop) if stop and not isinstance(next(iter(stop)), str) else [list(stop)] * n
+    if len(limits) != n or len(stops) != n:
+        raise InvalidInputError("max_tokens and stop must give one value per prompt")
+    if samplers is None:
+        smpls = [Sampler.greedy() for _ in range(n)]
+    elif callable(samplers):
+        smpls = [samplers(i) for i in range(n)]
+    else:
+        smpls = list(samplers)
+        if len(smpls) != n or len({id(s) for s in smpls}) != n:
+            raise InvalidInputError("give one distinct sampler per prompt")
+    seqs = []
+    for i, p in enumerate(prompts):
+        toks = render_prompt(ctx, p, None, None, add_special, parse_special)
+        _check_fit(ctx, toks, i)
+        seqs.append(_Seq(ctx, i, i, toks, smpls[i], stops[i], limits[i]))
+        seqs[-1].ignore_eog = ignore_eog
+    return _run(ctx, seqs, reuse_cache=False, cancel=cancel)
+
+
+def generate_after(ctx: Context, n_past: int, *, n_prompt: int | None = None, seq_id: int = 0,
+                   max_tokens: int = 256, sampler: Sampler | None = None, stop: Iterable[str] = (),
+                   cancel: Cancel | None = None) -> Iterator[TokenEvent | DoneEvent]:
+    """Continue a sequence whose input was decoded by other means (e.g. libmtmd chunks).
+
+    ``n_past`` is the number of positions already in the sequence; its last decode must have
+    produced logits for the last position. ``n_prompt`` (default ``n_past``) is reported as
+    ``usage.prompt_tokens``. The sequence is not reused as a text prefix afterwards.
+    """
+    ctx.memory._check_seq(seq_id)
+    if not 0 < n_past < ctx.n_ctx_seq:
+        raise ContextOverflowError(f"n_past={n_past} must be in (0, {ctx.n_ctx_seq})")
+    if max_tokens < 1:
+        raise InvalidInputError("max_tokens must be >= 1")
+    ctx._history[seq_id] = [-1] * n_past  # media positions: never a text prefix to reuse
+    ctx._out_rows, ctx._n_outputs = None, max(ctx._n_outputs, 1)
+    seq = _Seq(ctx, 0, seq_id, np.empty(0, np.int32), sampler or Sampler.greedy(), stop, max_tokens)
+    seq.n_pos = n_past
+    seq.row = -1
+    seq.n_prompt = n_past if n_prompt is None else n_prompt
+    return _run(ctx, [seq], reuse_cache=False, cancel=cancel)
+
+
+def complete(ctx: Context, prompt: Prompt | None = None, **kwargs) -> DoneEvent:
+    """Run ``generate`` to the end and return its DoneEvent (``.text`` holds the whole text)."""
+    done = None
+    for ev in generate(ctx, prompt, **kwargs):
+        if isinstance(ev, DoneEvent):
+            done = ev
+    assert done is not None
+    return done

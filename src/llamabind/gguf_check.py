@@ -1,0 +1,276 @@
+"""Validate a GGUF file's structure in pure Python before llama.cpp reads it.
+
+llama.cpp's GGUF reader (vendor/llama.cpp/ggml/src/gguf.cpp) rejects most malformed
+files cleanly, but the model loader behind it trusts what the reader accepted: tensor
+data past the end of the file, or a value of an unexpected type, can end in an abort
+or a crash.  ``check_gguf`` walks the header, the key/value table and the tensor-info
+table (never the tensor data) through an mmap, mirrors every check of gguf.cpp and adds
+the bounds checks the loader lacks, and raises ``ModelLoadError`` with one line naming
+the file and the problem.  Cost: a few ms, dominated by the vocabulary's string array.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from itertools import repeat
+
+from .errors import ModelLoadError, ModelNotFoundError
+
+__all__ = ["check_gguf", "GGML_TYPES"]
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_MAX_STRING_LENGTH = 1 << 30  # gguf.cpp GGUF_MAX_STRING_LENGTH
+GGUF_MAX_ARRAY_ELEMENTS = 1 << 30  # gguf.cpp GGUF_MAX_ARRAY_ELEMENTS
+GGML_MAX_NAME = 64  # ggml.h: a tensor name holds at most 63 bytes
+GGML_MAX_DIMS = 4
+INT64_MAX = (1 << 63) - 1
+HEADER_SIZE = 24  # magic, version u32, n_tensors i64, n_kv i64
+
+# GGUF value types (gguf.h enum gguf_type): code -> (name, fixed size or 0).
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+GGUF_TYPES: dict[int, tuple[str, int]] = {
+    0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4), 5: ("i32", 4),
+    6: ("f32", 4), 7: ("bool", 1), 8: ("str", 0), 9: ("arr", 0), 10: ("u64", 8),
+    11: ("i64", 8), 12: ("f64", 8),
+}
+
+# ggml types a GGUF file may hold: code -> (name, block size, bytes per block), as
+# ggml_type_name/ggml_blck_size/ggml_type_size report them for the vendored ggml.
+# Absent codes (4, 5, 31-33, 36-38) were removed from ggml and are rejected, like
+# codes >= GGML_TYPE_COUNT (43).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20),
+    6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36),
+    10: ("q2_K", 256, 84), 11: ("q3_K", 256, 110), 12: ("q4_K", 256, 144),
+    13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210), 15: ("q8_K", 256, 292),
+    16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98),
+    19: ("iq1_s", 256, 50), 20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110),
+    22: ("iq2_s", 256, 82), 23: ("iq4_xs", 256, 136), 24: ("i8", 1, 1), 25: ("i16", 1, 2),
+    26: ("i32", 1, 4), 27: ("i64", 1, 8), 28: ("f64", 1, 8), 29: ("iq1_m", 256, 56),
+    30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54), 35: ("tq2_0", 256, 66),
+    39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36), 41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
+}
+
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+_I64 = struct.Struct("<q").unpack_from
+_HEADER = struct.Struct("<4sIqq").unpack_from
+
+
+class _Bad(Exception):
+    """A structural problem; check_gguf turns it into ModelLoadError."""
+
+
+def check_gguf(path: str | os.PathLike[str]) -> None:
+    """Raise ModelLoadError (ModelNotFoundError if missing) unless ``path`` is a well-formed GGUF file."""
+    name = os.fspath(path)
+    try:
+        f = open(name, "rb")
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file not found: {name!r}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot open model file {name!r}: {e.strerror or e}") from None
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_SIZE:
+                raise _Bad(f"truncated: file has {size} bytes, the GGUF header alone needs {HEADER_SIZE}")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _Parser(buf, size).check()
+        except _Bad as e:
+            raise ModelLoadError(f"invalid GGUF file {name!r}: {e}") from None
+        except (OSError, ValueError) as e:  # mmap of a special file, I/O error
+            raise ModelLoadError(f"cannot read model file {name!r}: {e}") from None
+
+
+class _Parser:
+    """Walks the metadata of one GGUF file held in ``buf`` (``size`` bytes)."""
+
+    def __init__(self, buf: mmap.mmap, size: int) -> None:
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+        self.where = "header"
+
+    # -- primitives: each checks that it stays inside the file ---------------------
+
+    def _need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise _Bad(f"truncated: {self.where}: {what} needs {n} bytes at offset {self.pos}"
+                       f" but the file has {self.size} bytes")
+
+    def u32(self, what: str) -> int:
+        self._need(4, what)
+        v = _U32(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def i32(self, what: str) -> int:
+        self._need(4, what)
+        v = _I32(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self._need(8, what)
+        v = _U64(self.buf, self.pos)[0]
+        self.pos += 8
+        return v
+
+    def i64(self, what: str) -> int:
+        self._need(8, what)
+        v = _I64(self.buf, self.pos)[0]
+        self.pos += 8
+        return v
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"{what} length")
+        if n > GGUF_MAX_STRING_LENGTH:
+            raise _Bad(f"{self.where}: {what} length {n} exceeds the maximum {GGUF_MAX_STRING_LENGTH}")
+        if n > self.size - self.pos:
+            raise _Bad(f"truncated: {self.where}: {what} length {n} exceeds the"
+                       f" {self.size - self.pos} bytes left in the file")
+        s = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return s
+
+    # -- sections --------------------------------------------------------------------
+
+    def check(self) -> None:
+        magic, version, n_tensors, n_kv = _HEADER(self.buf, 0)
+        self.pos = HEADER_SIZE
+        if magic != GGUF_MAGIC:
+            raise _Bad(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
+        if version not in GGUF_VERSIONS:
+            hint = " (byte order of another machine?)" if version & 0xFFFF == 0 and version else ""
+            raise _Bad(f"unsupported GGUF version {version}{hint}, expected 2 or 3")
+        left = self.size - HEADER_SIZE
+        # smallest KV: 8-byte length, 1-byte key, 4-byte type, 1-byte value;
+        # smallest tensor info: 8-byte length, empty name, n_dims, 1 dim, type, offset
+        if not 0 <= n_tensors <= left // 32:
+            raise _Bad(f"tensor count {n_tensors} impossible for a file of {self.size} bytes")
+        if not 0 <= n_kv <= left // 14 or n_kv * 14 + n_tensors * 32 > left:
+            raise _Bad(f"key/value count {n_kv} impossible for a file of {self.size} bytes")
+        alignment = self.check_kv(n_kv)
+        self.check_tensors(n_tensors, alignment)
+
+    def check_kv(self, n_kv: int) -> int:
+        """Walk the key/value table; return general.alignment (or the default)."""
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        seen: set[bytes] = set()
+        for i in range(n_kv):
+            self.where = f"key/value {i}"
+            key = self.string("key")
+            if not key:
+                raise _Bad(f"{self.where}: empty key")
+            self.where = f"key/value {i} ({_show(key)})"
+            if key in seen:
+                raise _Bad(f"{self.where}: duplicate key")
+            seen.add(key)
+            vtype = self.i32("value type")
+            if vtype not in GGUF_TYPES:
+                raise _Bad(f"{self.where}: unknown value type {vtype}")
+            if key == b"general.alignment" and vtype != GGUF_UINT32:
+                raise _Bad(f"{self.where}: must be of type u32, not {GGUF_TYPES[vtype][0]}")
+            if vtype == GGUF_ARRAY:
+                self.check_array()
+            elif key == b"general.alignment":
+                alignment = self.u32("value")
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise _Bad(f"{self.where}: alignment {alignment} is not a power of 2")
+            elif vtype == GGUF_STRING:
+                self.string("value")
+            else:
+                self._need(GGUF_TYPES[vtype][1], "value")
+                self.pos += GGUF_TYPES[vtype][1]
+        return alignment
+
+    def check_array(self) -> None:
+        etype = self.i32("array element type")
+        if etype not in GGUF_TYPES or etype == GGUF_ARRAY:
+            raise _Bad(f"{self.where}: invalid array element type {etype}")
+        n = self.u64("array length")
+        left = self.size - self.pos
+        if n > GGUF_MAX_ARRAY_ELEMENTS:
+            raise _Bad(f"{self.where}: array length {n} exceeds the maximum {GGUF_MAX_ARRAY_ELEMENTS}")
+        if etype != GGUF_STRING:
+            nbytes = n * GGUF_TYPES[etype][1]
+            if nbytes > left:
+                raise _Bad(f"truncated: {self.where}: array of {n} {GGUF_TYPES[etype][0]} needs"
+                           f" {nbytes} bytes, {left} left in the file")
+            self.pos += nbytes
+            return
+        if n * 8 > left:
+            raise _Bad(f"truncated: {self.where}: array of {n} strings needs at least"
+                       f" {n * 8} bytes, {left} left in the file")
+        # hot loop (a vocabulary has up to ~10^6 strings), ~100 ns a string: a length that
+        # overshoots makes the next unpack_from raise struct.error, or the last one fails below
+        buf, pos, size, u64 = self.buf, self.pos, self.size, _U64
+        try:
+            for _ in repeat(None, n):
+                pos += 8 + u64(buf, pos)[0]
+        except struct.error:
+            pos = size + 1
+        if pos > size:
+            raise _Bad(f"truncated: {self.where}: string array runs past the end of the file"
+                       f" ({size} bytes)")
+        self.pos = pos
+
+    def check_tensors(self, n_tensors: int, alignment: int) -> None:
+        infos: list[tuple[str, int, int]] = []  # (name, offset, nbytes)
+        seen: set[bytes] = set()
+        for i in range(n_tensors):
+            self.where = f"tensor info {i}"
+            raw = self.string("name")
+            name = _show(raw)
+            if len(raw) >= GGML_MAX_NAME:
+                raise _Bad(f"{self.where}: name {name} is {len(raw)} bytes long, the maximum is {GGML_MAX_NAME - 1}")
+            self.where = f"tensor {name}"
+            if raw in seen:
+                raise _Bad(f"{self.where}: duplicate tensor name")
+            seen.add(raw)
+            n_dims = self.u32("n_dims")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise _Bad(f"{self.where}: {n_dims} dimensions, expected 1 to {GGML_MAX_DIMS}")
+            ne = [self.i64(f"dimension {j}") for j in range(n_dims)]
+            nelements = 1
+            for j, d in enumerate(ne):
+                if d < 0:
+                    raise _Bad(f"{self.where}: dimension {j} is negative ({d})")
+                nelements *= d
+            if nelements > INT64_MAX:
+                raise _Bad(f"{self.where}: shape {ne} has more than INT64_MAX elements")
+            gtype = self.i32("ggml type")
+            if gtype not in GGML_TYPES:
+                raise _Bad(f"{self.where}: unknown or removed ggml type {gtype}")
+            tname, blck, tsize = GGML_TYPES[gtype]
+            if ne[0] % blck:
+                raise _Bad(f"{self.where}: type {tname} needs rows that are a multiple of {blck}"
+                           f" elements, row has {ne[0]}")
+            offset = self.u64("data offset")
+            infos.append((name, offset, nelements // blck * tsize))
+        if not infos:
+            return
+        data_start = -(-self.pos // alignment) * alignment
+        expected = 0  # gguf.cpp requires the data of tensor i to follow tensor i-1 exactly
+        for name, offset, nbytes in infos:
+            if offset % alignment:
+                raise _Bad(f"tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")
+            if offset != expected:
+                raise _Bad(f"tensor {name}: data offset {offset}, expected {expected}"
+                           " (tensor data must be contiguous, in tensor-info order)")
+            end = data_start + offset + nbytes
+            if end > self.size:
+                raise _Bad(f"truncated: tensor {name} data ends at byte {end} but the file has {self.size} bytes")
+            expected = offset + -(-nbytes // alignment) * alignment
+
+
+def _show(raw: bytes) -> str:
+    """A name for messages: quoted, undecodable bytes escaped, at most 64 bytes shown."""
+    s = raw[:64].decode("utf-8", "backslashreplace")
+    return repr(s) if len(raw) <= 64 else repr(s) + "..."

@@ -1,0 +1,221 @@
+"""A loaded model (``llama_model``): weights, metadata, vocabulary, chat template, LoRA adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+from . import _params
+from ._handle import Handle
+from .binding import ffi, lib, take_errors
+from .errors import InvalidInputError, ModelLoadError, ModelNotFoundError
+from .gguf_check import check_gguf
+from .vocab import Vocab
+
+ProgressCallback = Callable[[float], "bool | None"]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_path(path: str | os.PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{what} is not a regular file: {path}")
+    return path
+
+
+class _Progress:
+    """Carries a Python progress callable into llama.cpp, and any exception it raised back out."""
+
+    def __init__(self, fn: ProgressCallback) -> None:
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.handle = ffi.new_handle(self)
+
+
+@ffi.def_extern()
+def _llamabind_progress(progress: float, user_data) -> bool:
+    state: _Progress = ffi.from_handle(user_data)
+    try:
+        return state.fn(progress) is not False
+    except BaseException as e:  # surfaced after llama.cpp returns
+        state.error = e
+        return False
+
+
+def _read_str(fn: Callable[..., int], *args: Any) -> str | None:
+    """Call a snprintf-style llama.cpp getter; None when it reports -1 (absent)."""
+    size = 256
+    while True:
+        buf = ffi.new("char[]", size)
+        n = fn(*args, buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return ffi.string(buf, n).decode("utf-8", "replace")
+        size = n + 1
+
+
+class Model(Handle):
+    """A GGUF model loaded by llama.cpp.
+
+    The file is checked before llama.cpp sees it: it must exist, match ``sha256`` if given,
+    and have a sound GGUF header and tensor table. ``progress`` is called with a fraction
+    in [0, 1] while loading; returning False cancels the load (ModelLoadError).
+    Extra keyword arguments set fields of ``llama_model_params`` by name.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, main_gpu: int = 0,
+                 split_mode: str | int = "layer", use_mmap: bool | None = None, use_mlock: bool = False,
+                 sha256: str | None = None, progress: ProgressCallback | None = None,
+                 check: bool = True, **params: Any) -> None:
+        path = _check_path(path, "model file")
+        if sha256 is not None:
+            actual = sha256_file(path)
+            if actual.lower() != sha256.lower():
+                raise ModelLoadError(f"{path}: sha256 {actual} does not match the expected {sha256}")
+        if check:
+            check_gguf(path)
+        mparams = lib.llama_model_default_params()
+        values = {"n_gpu_layers": n_gpu_layers, "main_gpu": main_gpu, "split_mode": split_mode, **params}
+        _params.apply(mparams, "struct llama_model_params", values)
+        mode = _load_mode(use_mmap, use_mlock)
+        if mode is not None:
+            mparams.load_mode = mode
+        state = None
+        if progress is not None:
+            state = _Progress(progress)
+            mparams.progress_callback = lib._llamabind_progress
+            mparams.progress_callback_user_data = state.handle
+        take_errors()
+        ptr = lib.llama_model_load_from_file(path.encode(), mparams)
+        if ptr == ffi.NULL:
+            if state is not None and state.error is not None:
+                raise ModelLoadError(f"{path}: progress callback raised {state.error!r}") from state.error
+            reason = take_errors() or "see the llamabind log"
+            if state is not None and "cancel" in reason.lower():
+                raise ModelLoadError(f"{path}: load cancelled by the progress callback")
+            raise ModelLoadError(f"llama.cpp could not load {path}: {reason}")
+        super().__init__(ptr, lib.llama_model_free)
+        self.path = path
+        self.vocab = Vocab(self)
+
+    # -- facts -------------------------------------------------------------------------------
+    n_ctx_train = property(lambda self: lib.llama_model_n_ctx_train(self.ptr), doc="training context length")
+    n_embd = property(lambda self: lib.llama_model_n_embd(self.ptr), doc="embedding size")
+    n_embd_out = property(lambda self: lib.llama_model_n_embd_out(self.ptr), doc="output embedding size")
+    n_layer = property(lambda self: lib.llama_model_n_layer(self.ptr))
+    n_head = property(lambda self: lib.llama_model_n_head(self.ptr))
+    n_head_kv = property(lambda self: lib.llama_model_n_head_kv(self.ptr))
+    n_swa = property(lambda self: lib.llama_model_n_swa(self.ptr))
+    n_params = property(lambda self: int(lib.llama_model_n_params(self.ptr)), doc="number of parameters")
+    size = property(lambda self: int(lib.llama_model_size(self.ptr)), doc="size of all tensors in bytes")
+    n_cls_out = property(lambda self: lib.llama_model_n_cls_out(self.ptr), doc="classifier outputs (rerankers)")
+    is_recurrent = property(lambda self: bool(lib.llama_model_is_recurrent(self.ptr)))
+    is_hybrid = property(lambda self: bool(lib.llama_model_is_hybrid(self.ptr)))
+    is_diffusion = property(lambda self: bool(lib.llama_model_is_diffusion(self.ptr)))
+    has_encoder = property(lambda self: bool(lib.llama_model_has_encoder(self.ptr)))
+    has_decoder = property(lambda self: bool(lib.llama_model_has_decoder(self.ptr)))
+
+    @property
+    def description(self) -> str:
+        """llama.cpp's one-line description, e.g. ``gemma3 270M Q4_K - Medium``."""
+        return _read_str(lambda b, n: lib.llama_model_desc(self.ptr, b, n)) or ""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """All GGUF key/value pairs (values as llama.cpp renders them)."""
+        ptr = self.ptr
+        out = {}
+        for i in range(lib.llama_model_meta_count(ptr)):
+            key = _read_str(lambda b, n: lib.llama_model_meta_key_by_index(ptr, i, b, n))
+            val = _read_str(lambda b, n: lib.llama_model_meta_val_str_by_index(ptr, i, b, n))
+            if key is not None:
+                out[key] = val or ""
+        return out
+
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        """One GGUF metadata value by key."""
+        v = _read_str(lambda b, n: lib.llama_model_meta_val_str(self.ptr, key.encode(), b, n))
+        return default if v is None else v
+
+    name = property(lambda self: self.meta("general.name"), doc="general.name, if set")
+    architecture = property(lambda self: self.meta("general.architecture"), doc="general.architecture")
+
+    def chat_template(self, name: str | None = None) -> str | None:
+        """The model's (or a named) chat template stored in the GGUF, or None."""
+        p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True,
+                            template: str | None = None) -> str:
+        """Render chat ``messages`` ({"role", "content"}) with llama.cpp's template engine.
+
+        ``template`` is a template text or a built-in name (``chatml``, ``gemma``, ...);
+        by default the model's own. Unsupported templates raise InvalidInputError.
+        """
+        msgs = list(messages)
+        tmpl = template if template is not None else self.chat_template()
+        if tmpl is None:
+            raise InvalidInputError("the model has no chat template; pass template=")
+        keep = []
+        chat = ffi.new("llama_chat_message[]", len(msgs))
+        for i, m in enumerate(msgs):
+            try:
+                role, content = m["role"], m["content"]
+            except (KeyError, TypeError):
+                raise InvalidInputError(f"message {i} needs 'role' and 'content'") from None
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise InvalidInputError(f"message {i}: role and content must be str")
+            r, c = ffi.new("char[]", role.encode()), ffi.new("char[]", content.encode("utf-8", "strict"))
+            keep += [r, c]
+            chat[i].role, chat[i].content = r, c
+        ctmpl = tmpl.encode()
+        size = max(1024, 2 * sum(len(m["content"]) for m in msgs) + 256)
+        for _ in range(2):
+            buf = ffi.new("char[]", size)
+            n = lib.llama_chat_apply_template(ctmpl, chat, len(msgs), add_generation_prompt, buf, size)
+            if n < 0:
+                raise InvalidInputError("chat template not supported by llama_chat_apply_template")
+            if n <= size:
+                return ffi.unpack(buf, n).decode("utf-8", "replace")
+            size = n
+        raise InvalidInputError("chat template rendering did not converge")
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def load_lora(self, path: str | os.PathLike) -> "LoraAdapter":
+        """Load a LoRA adapter for this model; apply it with ``Context.set_loras``."""
+        return LoraAdapter(self, path)
+
+
+class LoraAdapter(Handle):
+    """A LoRA adapter loaded for one model; freed before the model."""
+
+    def __init__(self, model: Model, path: str | os.PathLike) -> None:
+        path = _check_path(path, "LoRA adapter")
+        check_gguf(path)
+        take_errors()
+        ptr = lib.llama_adapter_lora_init(model.ptr, path.encode())
+        if ptr == ffi.NULL:
+            raise ModelLoadError(f"could not load LoRA adapter {path}: {take_errors() or 'see log'}")
+        super().__init__(ptr, lib.llama_adapter_lora_free, parent=model)
+        self.model = model
+        self.path = path
+
+
+def _load_mode(use_mmap: bool | None, use_mlock: bool) -> int | None:
+    """Map the classic mmap/mlock flags onto llama_load_mode (None: keep llama.cpp's default)."""
+    if use_mmap is None and not use_mlock:
+        return None
+    return {(True, False): lib.LLAMA_LOAD_MODE_MMAP, (True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (False, True): lib.LLAMA_LOAD_MODE_MLOCK, (False, False): lib.LLAMA_LOAD_MODE_NONE,
+            }[(use_mmap is not False, use_mlock)]

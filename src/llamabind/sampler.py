@@ -1,0 +1,316 @@
+"""Samplers (``llama_sampler``): every built-in kind, chains, and samplers written in Python."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ._handle import Handle
+from .binding import ffi, lib, take_errors
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .vocab import Vocab
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _seed(seed: int | None) -> int:
+    return DEFAULT_SEED if seed is None else int(seed) & 0xFFFFFFFF
+
+
+class Sampler(Handle):
+    """One llama.cpp sampler. Build it with the class methods; combine with ``Sampler.chain``.
+
+    A sampler added to a chain is owned by the chain from then on (closing the chain frees it).
+    """
+
+    def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = ()) -> None:
+        if ptr == ffi.NULL:
+            raise InvalidInputError(f"could not create {what}: {take_errors() or 'invalid parameters'}")
+        super().__init__(ptr, lib.llama_sampler_free)
+        self._keep = list(keep)  # Python objects the C sampler points into
+
+    # -- built-in samplers ------------------------------------------------------------------
+    @classmethod
+    def greedy(cls) -> "Sampler":
+        """Always the most likely token."""
+        return cls(lib.llama_sampler_init_greedy(), "greedy")
+
+    @classmethod
+    def dist(cls, seed: int | None = None) -> "Sampler":
+        """Draw from the distribution (seed None: random)."""
+        return cls(lib.llama_sampler_init_dist(_seed(seed)), "dist")
+
+    @classmethod
+    def top_k(cls, k: int) -> "Sampler":
+        return cls(lib.llama_sampler_init_top_k(k), "top_k")
+
+    @classmethod
+    def top_p(cls, p: float, min_keep: int = 1) -> "Sampler":
+        return cls(lib.llama_sampler_init_top_p(p, min_keep), "top_p")
+
+    @classmethod
+    def min_p(cls, p: float, min_keep: int = 1) -> "Sampler":
+        return cls(lib.llama_sampler_init_min_p(p, min_keep), "min_p")
+
+    @classmethod
+    def typical(cls, p: float, min_keep: int = 1) -> "Sampler":
+        return cls(lib.llama_sampler_init_typical(p, min_keep), "typical")
+
+    @classmethod
+    def temp(cls, t: float) -> "Sampler":
+        return cls(lib.llama_sampler_init_temp(t), "temp")
+
+    @classmethod
+    def temp_ext(cls, t: float, delta: float, exponent: float) -> "Sampler":
+        """Dynamic (entropy-based) temperature."""
+        return cls(lib.llama_sampler_init_temp_ext(t, delta, exponent), "temp_ext")
+
+    @classmethod
+    def xtc(cls, p: float, t: float, min_keep: int = 1, seed: int | None = None) -> "Sampler":
+        return cls(lib.llama_sampler_init_xtc(p, t, min_keep, _seed(seed)), "xtc")
+
+    @classmethod
+    def top_n_sigma(cls, n: float) -> "Sampler":
+        return cls(lib.llama_sampler_init_top_n_sigma(n), "top_n_sigma")
+
+    @classmethod
+    def mirostat(cls, n_vocab: int, seed: int | None = None, tau: float = 5.0, eta: float = 0.1,
+                 m: int = 100) -> "Sampler":
+        return cls(lib.llama_sampler_init_mirostat(n_vocab, _seed(seed), tau, eta, m), "mirostat")
+
+    @classmethod
+    def mirostat_v2(cls, seed: int | None = None, tau: float = 5.0, eta: float = 0.1) -> "Sampler":
+        return cls(lib.llama_sampler_init_mirostat_v2(_seed(seed), tau, eta), "mirostat_v2")
+
+    @classmethod
+    def adaptive_p(cls, target: float, decay: float, seed: int | None = None) -> "Sampler":
+        return cls(lib.llama_sampler_init_adaptive_p(target, decay, _seed(seed)), "adaptive_p")
+
+    @classmethod
+    def grammar(cls, vocab: "Vocab", grammar: str, root: str = "root") -> "Sampler":
+        """Constrain output to a GBNF grammar; a malformed grammar raises InvalidInputError."""
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise InvalidInputError("grammar must be a non-empty GBNF string")
+        take_errors()
+        return cls(lib.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), root.encode()), "grammar")
+
+    @classmethod
+    def grammar_lazy(cls, vocab: "Vocab", grammar: str, root: str = "root",
+                     trigger_patterns: Iterable[str] = (), trigger_tokens: Iterable[int] = ()) -> "Sampler":
+        """A grammar that applies only once a trigger pattern or token appears."""
+        pats = [ffi.new("char[]", p.encode()) for p in trigger_patterns]
+        toks = np.ascontiguousarray(list(trigger_tokens), dtype=np.int32)
+        vocab.check_tokens(toks)
+        take_errors()
+        ptr = lib.llama_sampler_init_grammar_lazy_patterns(
+            vocab.ptr, grammar.encode(), root.encode(), ffi.new("const char *[]", pats) if pats else ffi.NULL,
+            len(pats), ffi.from_buffer("llama_token[]", toks) if toks.size else ffi.NULL, toks.size)
+        return cls(ptr, "lazy grammar")
+
+    @classmethod
+    def penalties(cls, last_n: int = 64, repeat: float = 1.0, frequency: float = 0.0,
+                  presence: float = 0.0) -> "Sampler":
+        """Repetition, frequency and presence penalties over the last ``last_n`` tokens."""
+        if repeat <= 0:
+            raise InvalidInputError("repeat penalty must be > 0 (1.0 disables it)")
+        return cls(lib.llama_sampler_init_penalties(0, last_n, repeat, frequency, presence), "penalties")
+
+    @classmethod
+    def dry(cls, vocab: "Vocab", n_ctx_train: int, multiplier: float = 0.8, base: float = 1.75,
+            allowed_length: int = 2, penalty_last_n: int = -1,
+            breakers: Iterable[str] = ("\n", ":", '"', "*")) -> "Sampler":
+        """DRY ("don't repeat yourself") penalty."""
+        brk = [ffi.new("char[]", b.encode()) for b in breakers]
+        arr = ffi.new("const char *[]", brk) if brk else ffi.NULL
+        ptr = lib.llama_sampler_init_dry(vocab.ptr, multiplier, base, allowed_length, penalty_last_n, arr, len(brk))
+        return cls(ptr, "dry")
+
+    @classmethod
+    def logit_bias(cls, n_vocab: int, bias: Mapping[int, float]) -> "Sampler":
+        """Add ``bias[token]`` to the logits of those tokens (use -inf to ban one)."""
+        items = list(bias.items())
+        for tok, _ in items:
+            if not 0 <= tok < n_vocab:
+                raise InvalidInputError(f"logit bias token {tok} out of range [0, {n_vocab})")
+        arr = ffi.new("llama_logit_bias[]", [{"token": t, "bias": b} for t, b in items] or 1)
+        return cls(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "logit_bias")
+
+    @classmethod
+    def infill(cls, vocab: "Vocab") -> "Sampler":
+        """Fill-in-the-middle helper sampler (after top-k/top-p)."""
+        return cls(lib.llama_sampler_init_infill(vocab.ptr), "infill")
+
+    @classmethod
+    def chain(cls, *samplers: "Sampler", no_perf: bool = True) -> "Sampler":
+        """A chain applying ``samplers`` in order; it takes ownership of them."""
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = no_perf
+        chain = cls(lib.llama_sampler_chain_init(params), "chain")
+        for s in samplers:
+            chain.add(s)
+        return chain
+
+    @classmethod
+    def from_params(cls, vocab: "Vocab", *, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                    min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                    repeat_last_n: int = 64, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    seed: int | None = None, grammar: str | None = None,
+                    logit_bias: Mapping[int, float] | None = None) -> "Sampler":
+        """The usual chain from the usual knobs; ``temperature`` <= 0 means greedy."""
+        parts: list[Sampler] = []
+        if logit_bias:
+            parts.append(cls.logit_bias(vocab.n_tokens, logit_bias))
+        if grammar:
+            parts.append(cls.grammar(vocab, grammar))
+        if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
+            parts.append(cls.penalties(repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
+        if temperature <= 0:
+            parts.append(cls.greedy())
+        else:
+            if top_k > 0:
+                parts.append(cls.top_k(top_k))
+            if typical_p < 1.0:
+                parts.append(cls.typical(typical_p))
+            if top_p < 1.0:
+                parts.append(cls.top_p(top_p))
+            if min_p > 0:
+                parts.append(cls.min_p(min_p))
+            parts.append(cls.temp(temperature))
+            parts.append(cls.dist(seed))
+        return cls.chain(*parts)
+
+    # -- use ---------------------------------------------------------------------------------
+    def add(self, sampler: "Sampler") -> None:
+        """Append ``sampler`` to this chain (ownership moves to the chain)."""
+        if lib.llama_sampler_chain_get(self.ptr, -1) == ffi.NULL:
+            raise InvalidInputError("add() needs a chain sampler")
+        if sampler is self:
+            raise InvalidInputError("a chain cannot contain itself")
+        lib.llama_sampler_chain_add(self.ptr, sampler.ptr)
+        self._keep.append(sampler._keep)
+        sampler._detach()
+
+    def __len__(self) -> int:
+        n = lib.llama_sampler_chain_n(self.ptr)
+        return max(n, 0)
+
+    @property
+    def name(self) -> str:
+        return ffi.string(lib.llama_sampler_name(self.ptr)).decode()
+
+    @property
+    def seed(self) -> int:
+        return lib.llama_sampler_get_seed(self.ptr)
+
+    def sample(self, ctx: "Context", idx: int = -1) -> int:
+        """Sample (and accept) a token from output row ``idx`` of the context's last decode."""
+        ctx._output_index(idx)
+        return lib.llama_sampler_sample(self.ptr, ctx.ptr, idx)
+
+    def accept(self, token: int) -> None:
+        """Tell the sampler a token was chosen (penalties, grammar and mirostat state)."""
+        lib.llama_sampler_accept(self.ptr, token)
+
+    def apply(self, candidates: np.ndarray) -> int:
+        """Apply to a TOKEN_DATA array in place; returns the selected index (-1 if none)."""
+        if candidates.dtype != TOKEN_DATA or not candidates.flags.c_contiguous:
+            raise InvalidInputError("candidates must be a contiguous array of dtype sampler.TOKEN_DATA")
+        arr = ffi.new("llama_token_data_array *", {
+            "data": ffi.cast("llama_token_data *", candidates.ctypes.data), "size": candidates.size,
+            "selected": -1, "sorted": False})
+        lib.llama_sampler_apply(self.ptr, arr)
+        return int(arr.selected)
+
+    def reset(self) -> None:
+        lib.llama_sampler_reset(self.ptr)
+
+    def clone(self) -> "Sampler":
+        """An independent copy with the same state (not for chains holding Python samplers)."""
+        if any(self._keep):
+            raise InvalidInputError("samplers written in Python cannot be cloned")
+        return Sampler(lib.llama_sampler_clone(self.ptr), "clone")
+
+
+class TokenDataArray:
+    """What a Python sampler sees: candidate tokens as a numpy view, and the selection."""
+
+    __slots__ = ("_c", "data")
+
+    def __init__(self, c) -> None:
+        self._c = c
+        self.data = np.frombuffer(ffi.buffer(c.data, c.size * TOKEN_DATA.itemsize), dtype=TOKEN_DATA)
+
+    @property
+    def selected(self) -> int:
+        return int(self._c.selected)
+
+    @selected.setter
+    def selected(self, i: int) -> None:
+        if not -1 <= i < self._c.size:
+            raise InvalidInputError(f"selected index {i} out of range")
+        self._c.selected = i
+
+    @property
+    def sorted(self) -> bool:
+        return bool(self._c.sorted)
+
+    @sorted.setter
+    def sorted(self, value: bool) -> None:
+        self._c.sorted = value
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` candidates."""
+        if not 1 <= n <= self._c.size:
+            raise InvalidInputError(f"cannot truncate {self._c.size} candidates to {n}")
+        self._c.size = n
+        self.data = self.data[:n]
+
+
+class PySampler:
+    """Base class for samplers written in Python; ``as_sampler()`` makes a llama.cpp sampler.
+
+    Override ``apply(cur)`` (required: edit ``cur.data`` logits in place, or set
+    ``cur.selected``), and optionally ``accept(token)`` and ``reset()``. Exceptions raised
+    inside are logged and leave the candidates unchanged; they never cross into C.
+    """
+
+    name = "python"
+
+    def apply(self, cur: TokenDataArray) -> None:
+        raise NotImplementedError
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def as_sampler(self) -> Sampler:
+        from .binding import logger
+
+        def guard(fn):
+            def call(*args):
+                try:
+                    fn(*args)
+                except Exception:
+                    logger.exception("Python sampler %s failed", self.name)
+            return call
+
+        name = ffi.new("char[]", self.name.encode())
+        cbs = {
+            "name": ffi.callback("const char *(const struct llama_sampler *)", lambda s: name),
+            "accept": ffi.callback("void(struct llama_sampler *, llama_token)", guard(lambda s, t: self.accept(t))),
+            "apply": ffi.callback("void(struct llama_sampler *, llama_token_data_array *)",
+                                  guard(lambda s, c: self.apply(TokenDataArray(c)))),
+            "reset": ffi.callback("void(struct llama_sampler *)", guard(lambda s: self.reset())),
+            "free": ffi.callback("void(struct llama_sampler *)", lambda s: None),
+        }
+        iface = ffi.new("struct llama_sampler_i *", cbs)
+        handle = ffi.new_handle(self)
+        return Sampler(lib.llama_sampler_init(iface, handle), "python sampler", keep=[name, cbs, iface, handle])

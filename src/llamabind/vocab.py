@@ -1,0 +1,176 @@
+"""The model's vocabulary: tokenize, detokenize, special tokens, incremental UTF-8-safe decoding."""
+
+from __future__ import annotations
+
+import codecs
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from .binding import ffi, lib
+from .errors import ClosedError, InvalidInputError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+TOKEN_NULL = -1
+
+
+def as_tokens(tokens: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Tokens as a contiguous int32 array (no copy when they already are one)."""
+    arr = np.ascontiguousarray(tokens, dtype=np.int32)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _encode(text: str | bytes) -> bytes:
+    if isinstance(text, bytes):
+        return text
+    if not isinstance(text, str):
+        raise InvalidInputError(f"text must be str or bytes, not {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"text is not valid UTF-8 (lone surrogate at index {e.start})") from None
+
+
+class Vocab:
+    """The vocabulary of a loaded model (``model.vocab``); valid while the model is open."""
+
+    def __init__(self, model: "Model") -> None:
+        self._model = model
+        self._vptr = lib.llama_model_get_vocab(model.ptr)
+        self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
+        self._piece = ffi.new("char[]", 256)
+
+    @property
+    def ptr(self):
+        """The raw ``const llama_vocab *``; raises ClosedError once the model is closed."""
+        if self._model.closed:
+            raise ClosedError("the model of this vocab is closed")
+        return self._vptr
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def type(self) -> int:
+        return lib.llama_vocab_type(self.ptr)
+
+    def check_tokens(self, tokens: np.ndarray) -> None:
+        """Raise InvalidInputError if any token id is outside [0, n_tokens)."""
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_tokens):
+            bad = tokens[(tokens < 0) | (tokens >= self.n_tokens)][0]
+            raise InvalidInputError(f"token id {int(bad)} out of range [0, {self.n_tokens})")
+
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> np.ndarray:
+        """Tokenize UTF-8 text into an int32 array of token ids."""
+        data = _encode(text)
+        vptr = self.ptr
+        out = np.empty(len(data) + 8, dtype=np.int32)
+        n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
+                               add_special, parse_special)
+        if n < 0:
+            if n == np.iinfo(np.int32).min:
+                raise InvalidInputError("text too long to tokenize")
+            out = np.empty(-n, dtype=np.int32)
+            n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
+                                   add_special, parse_special)
+        return out[:n]
+
+    def detokenize(self, tokens: Iterable[int] | np.ndarray, remove_special: bool = False,
+                   unparse_special: bool = False) -> str:
+        """Text of ``tokens``; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.detokenize_bytes(tokens, remove_special, unparse_special).decode("utf-8", "replace")
+
+    def detokenize_bytes(self, tokens: Iterable[int] | np.ndarray, remove_special: bool = False,
+                         unparse_special: bool = False) -> bytes:
+        """Raw bytes of ``tokens`` (may end inside a multi-byte character)."""
+        arr = as_tokens(tokens)
+        self.check_tokens(arr)
+        vptr = self.ptr
+        size = max(16, arr.size * 8)
+        for _ in range(2):
+            buf = ffi.new("char[]", size)
+            n = lib.llama_detokenize(vptr, ffi.from_buffer("llama_token[]", arr), arr.size, buf, size,
+                                     remove_special, unparse_special)
+            if n >= 0:
+                return ffi.unpack(buf, n)
+            size = -n
+        raise InvalidInputError("detokenize: buffer size negotiation failed")
+
+    def token_to_piece(self, token: int, special: bool = True) -> bytes:
+        """The bytes of one token (special tokens rendered as text when ``special``)."""
+        if not 0 <= token < self.n_tokens:
+            raise InvalidInputError(f"token id {token} out of range [0, {self.n_tokens})")
+        n = lib.llama_token_to_piece(self.ptr, token, self._piece, 256, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vptr, token, buf, -n, 0, special)
+            return ffi.unpack(buf, n)
+        return ffi.unpack(self._piece, n)
+
+    def text(self, token: int) -> str:
+        """The token's text as stored in the vocabulary."""
+        self.check_tokens(as_tokens([token]))
+        return ffi.string(lib.llama_vocab_get_text(self.ptr, token)).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (eos, eot, ...)."""
+        return bool(lib.llama_vocab_is_eog(self.ptr, token))
+
+    def is_control(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_control(self.ptr, token))
+
+    def _special(self, fn) -> int | None:
+        tok = fn(self.ptr)
+        return None if tok == TOKEN_NULL else int(tok)
+
+    bos = property(lambda self: self._special(lib.llama_vocab_bos), doc="beginning-of-sequence token or None")
+    eos = property(lambda self: self._special(lib.llama_vocab_eos), doc="end-of-sequence token or None")
+    eot = property(lambda self: self._special(lib.llama_vocab_eot), doc="end-of-turn token or None")
+    sep = property(lambda self: self._special(lib.llama_vocab_sep), doc="separator token or None")
+    nl = property(lambda self: self._special(lib.llama_vocab_nl), doc="newline token or None")
+    pad = property(lambda self: self._special(lib.llama_vocab_pad), doc="padding token or None")
+    mask = property(lambda self: self._special(lib.llama_vocab_mask), doc="mask token or None")
+    fim_pre = property(lambda self: self._special(lib.llama_vocab_fim_pre), doc="FIM prefix token or None")
+    fim_suf = property(lambda self: self._special(lib.llama_vocab_fim_suf), doc="FIM suffix token or None")
+    fim_mid = property(lambda self: self._special(lib.llama_vocab_fim_mid), doc="FIM middle token or None")
+    add_bos = property(lambda self: bool(lib.llama_vocab_get_add_bos(self.ptr)))
+    add_eos = property(lambda self: bool(lib.llama_vocab_get_add_eos(self.ptr)))
+
+    def detokenizer(self, special: bool = False) -> "Detokenizer":
+        """An incremental decoder that never splits a multi-byte character."""
+        return Detokenizer(self, special)
+
+
+class Detokenizer:
+    """Turns tokens into text one at a time; incomplete UTF-8 sequences wait for the next token."""
+
+    __slots__ = ("_vocab", "_special", "_decoder", "_buf", "_size")
+
+    def __init__(self, vocab: Vocab, special: bool = False) -> None:
+        self._vocab = vocab
+        self._special = special
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._size = 256
+        self._buf = ffi.new("char[]", self._size)
+
+    def feed(self, token: int) -> str:
+        """Text completed by ``token`` ("" while a character is still incomplete)."""
+        if not 0 <= token < self._vocab.n_tokens:
+            raise InvalidInputError(f"token id {token} out of range [0, {self._vocab.n_tokens})")
+        n = lib.llama_token_to_piece(self._vocab.ptr, token, self._buf, self._size, 0, self._special)
+        if n < 0:
+            self._size = -n
+            self._buf = ffi.new("char[]", self._size)
+            n = lib.llama_token_to_piece(self._vocab.ptr, token, self._buf, self._size, 0, self._special)
+        return self._decoder.decode(ffi.buffer(self._buf, n)[:])
+
+    def flush(self) -> str:
+        """Whatever is left; an incomplete trailing character becomes U+FFFD."""
+        return self._decoder.decode(b"", final=True)
+
+    def reset(self) -> None:
+        self._decoder.reset()

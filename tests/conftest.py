@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random model, and the native llama.cpp tools used as oracles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tinymodels import write_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ~0.5 MB random llama model (see tinymodels.write_tiny_llama), written once."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+def _missing(msg: str) -> None:
+    """Skip, or fail where LLAMABIND_REQUIRE_ORACLES=1 says the oracles must run."""
+    if os.environ.get("LLAMABIND_REQUIRE_ORACLES") == "1":
+        pytest.fail(msg + " (LLAMABIND_REQUIRE_ORACLES=1)")
+    pytest.skip(msg)
+
+
+def find_tools_dir() -> Path | None:
+    """$LLAMABIND_TOOLS_DIR, else the newest build/*/bin of this repo holding llama-simple."""
+    env = os.environ.get("LLAMABIND_TOOLS_DIR")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    found = [d for d in REPO.glob("build/*/bin") if (d / "llama-simple").is_file()]
+    return max(found, key=lambda d: (d / "llama-simple").stat().st_mtime, default=None)
+
+
+@pytest.fixture(scope="session")
+def tools_dir() -> Path:
+    """The directory with the native llama.cpp tools (llama-simple, llama-completion, ...)."""
+    d = find_tools_dir()
+    if d is None:
+        _missing("native llama.cpp tools not found: set LLAMABIND_TOOLS_DIR or build into build/*/bin")
+    return d
+
+
+@pytest.fixture(scope="session")
+def native_tool(tools_dir: Path) -> Callable[[str], Path]:
+    """``native_tool("llama-simple")``: the path of a native tool, skipping if it is not built."""
+
+    def get(name: str) -> Path:
+        path = tools_dir / name
+        if not path.is_file():
+            _missing(f"native tool {name} not found in {tools_dir}")
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    """The tiny random llama, loaded once."""
+    import llamabind as lb
+
+    with lb.Model(tiny_model_path) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> str:
+    """gemma3-270m Q4_K_M from the PyPI packages (llamabind[model]), assembled once into the cache."""
+    from llamabind.models import default_model_path
+
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
+@pytest.fixture(scope="session")
+def gemma_model(gemma_path):
+    import llamabind as lb
+
+    with lb.Model(gemma_path) as m:
+        yield m
+
+
+@pytest.fixture
+def gemma_ctx(gemma_model):
+    """A fresh 1024-token context on gemma3-270m with 2 threads."""
+    import llamabind as lb
+
+    with lb.Context(gemma_model, n_ctx=1024, n_threads=2) as ctx:
+        yield ctx
