@@ -148,19 +148,36 @@ def test_sequence_state_roundtrip(gemma_ctx):
     assert gemma_ctx.memory.seq_pos_max(0) == pos
 
 
-def test_several_sequences_match_one_by_one(gemma_model):
+def test_several_sequences_are_greedy_per_sequence(gemma_model):
+    """N prompts decoded together: every token is the greedy choice of its own sequence.
+
+    Batched matmuls are not bit-identical to single-token ones, so near-ties may break
+    differently from a one-by-one run; each chosen token must still be the arg-max of a
+    single-sequence recomputation, up to numerical noise.
+    """
     prompts = PROMPTS[:3]
     with lb.Context(gemma_model, n_ctx=1024, n_seq_max=4, n_threads=2) as ctx:
-        single = [lb.complete(ctx, p, max_tokens=10, reuse_cache=False).tokens for p in prompts]
-        dones = {}
-        streamed = {i: [] for i in range(len(prompts))}
+        dones, streamed = {}, {i: [] for i in range(len(prompts))}
         for ev in lb.generate_many(ctx, prompts, max_tokens=10):
             if isinstance(ev, lb.DoneEvent):
                 dones[ev.index] = ev
             elif ev.token is not None:
                 streamed[ev.index].append(ev.token)
-    assert [dones[i].tokens for i in range(3)] == single
-    assert [streamed[i] for i in range(3)] == single
+        v = ctx.vocab
+        for i, p in enumerate(prompts):
+            out = dones[i].tokens
+            assert out == streamed[i] and len(out) == 10 and dones[i].finish_reason == "length"
+            prompt = v.tokenize(p)
+            seq = np.concatenate([prompt, np.asarray(out[:-1], np.int32)])
+            ctx.memory.clear()
+            b = lb.Batch(len(seq))
+            b.add(seq, 0, 0, logits="all")
+            ctx.decode(b)
+            for k, tok in enumerate(out):
+                row = ctx.logits(len(prompt) - 1 + k)
+                assert row[tok] >= row.max() - 0.1, (i, k, tok, int(row.argmax()))
+        first = [lb.complete(ctx, p, max_tokens=1, reuse_cache=False).tokens[0] for p in prompts]
+        assert first == [dones[i].tokens[0] for i in range(3)]
 
 
 def test_cancel_during_prefill_and_context_stays_usable(gemma_model):

@@ -22,7 +22,8 @@ def test_model_facts(gemma_model):
     assert 200e6 < m.n_params < 300e6 and m.size > 100e6
     assert "gemma3" in m.description
     assert m.metadata["general.architecture"] == "gemma3"
-    assert m.chat_template() and "start_of_turn" in m.chat_template()
+    assert m.chat_template() is None  # this GGUF ships none: the built-in "gemma" one is used
+    assert m._builtin_template() == "gemma"
     assert not m.is_recurrent and not m.is_hybrid and m.has_decoder and not m.has_encoder
 
 

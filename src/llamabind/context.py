@@ -72,7 +72,8 @@ class Context(Handle):
         threads = n_threads or os.cpu_count() or 4
         values = {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": min(n_ubatch, n_batch),
                   "n_seq_max": n_seq_max, "n_threads": threads,
-                  "n_threads_batch": n_threads_batch or threads, "embeddings": embeddings}
+                  "n_threads_batch": n_threads_batch or threads, "embeddings": embeddings,
+                  "no_perf": False}
         for key, value in params.items():
             key = _ALIASES.get(key, key)
             if key == "flash_attn_type" and isinstance(value, bool):
@@ -154,6 +155,7 @@ class Context(Handle):
 
     # -- compute -----------------------------------------------------------------------------
     def _check_batch(self, batch: Batch) -> None:
+        self.ptr  # raises ClosedError first
         n = batch.n_tokens
         if n == 0:
             raise InvalidInputError("empty batch")
@@ -185,7 +187,8 @@ class Context(Handle):
             self._abort_flag[0] = 0
             rc = lib.llama_decode(ptr, s)
         self._set_outputs(batch, rc)
-        check_decode(rc)
+        if rc:
+            check_decode(rc, detail=take_errors())
 
     def encode(self, batch: Batch) -> None:
         """Run the encoder on ``batch`` (encoder models: BERT, T5 ...)."""
@@ -196,7 +199,8 @@ class Context(Handle):
             self._abort_flag[0] = 0
             rc = lib.llama_encode(ptr, s)
         self._set_outputs(batch, rc)
-        check_decode(rc, "llama_encode")
+        if rc:
+            check_decode(rc, "llama_encode", take_errors())
 
     def synchronize(self) -> None:
         lib.llama_synchronize(self.ptr)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from .batch import Batch
-from .binding import ffi, lib
+from .binding import ffi, lib, take_errors
 from .context import Context
 from .errors import AbortedError, ContextOverflowError, InvalidInputError, check_decode
 from .sampler import Sampler
@@ -290,7 +290,8 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
                     ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
                     s.reason = "cancelled"
                 break
-            check_decode(rc)
+            if rc:
+                check_decode(rc, detail=take_errors())
             for s in active:
                 ctx._history[s.seq_id].append(s.pending_token)
                 s.n_pos += 1

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
+import zlib
 from itertools import repeat
 
 from .errors import ModelLoadError, ModelNotFoundError
@@ -30,12 +32,16 @@ GGML_MAX_DIMS = 4
 INT64_MAX = (1 << 63) - 1
 HEADER_SIZE = 24  # magic, version u32, n_tensors i64, n_kv i64
 
-# GGUF value types (gguf.h enum gguf_type): code -> (name, fixed size or 0).
+# llama.cpp limits it asserts on (abort) instead of rejecting the file (llama-hparams.h)
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+
+# GGUF value types (gguf.h enum gguf_type): code -> (name, struct format; "" if not fixed-size).
 GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
-GGUF_TYPES: dict[int, tuple[str, int]] = {
-    0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4), 5: ("i32", 4),
-    6: ("f32", 4), 7: ("bool", 1), 8: ("str", 0), 9: ("arr", 0), 10: ("u64", 8),
-    11: ("i64", 8), 12: ("f64", 8),
+GGUF_TYPES: dict[int, tuple[str, str]] = {
+    0: ("u8", "<B"), 1: ("i8", "<b"), 2: ("u16", "<H"), 3: ("i16", "<h"), 4: ("u32", "<I"),
+    5: ("i32", "<i"), 6: ("f32", "<f"), 7: ("bool", "<B"), 8: ("str", ""), 9: ("arr", ""),
+    10: ("u64", "<Q"), 11: ("i64", "<q"), 12: ("f64", "<d"),
 }
 
 # ggml types a GGUF file may hold: code -> (name, block size, bytes per block), as
@@ -55,11 +61,27 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36), 41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
 }
 
+# ggml types a file may hold but that no ggml CPU kernel computes with: q8_1 and q8_K are the
+# activation types of quantized dot products (no converter writes them), and integer/f64
+# tensors only serve as tables (e.g. DeepSeek-V4 routing); llama.cpp loads a model with such
+# a weight and then crashes (SIGSEGV or abort) at the first decode
+ACTIVATION_TYPES = {9, 15}  # q8_1, q8_K
+TABLE_TYPES = {24, 25, 26, 27, 28}  # i8, i16, i32, i64, f64
+# the standard llama.cpp tensors that are always float or quantized weights
+FLOAT_WEIGHT = re.compile(
+    rb"(token_embd|output|output_norm|blk\.\d+\.(attn_(q|k|v|qkv|output|norm|q_norm|k_norm)"
+    rb"|ffn_(gate|up|down|norm|gate_inp|gate_exps|up_exps|down_exps)))\.weight")
+
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
 _I64 = struct.Struct("<q").unpack_from
 _HEADER = struct.Struct("<4sIqq").unpack_from
+
+
+# files found valid: (device, inode, size) -> (end of the metadata, its CRC-32); a recheck of
+# an unchanged file only checksums the metadata (the verdict depends on nothing else)
+_valid: dict[tuple[int, int, int], tuple[int, int]] = {}
 
 
 class _Bad(Exception):
@@ -77,13 +99,23 @@ def check_gguf(path: str | os.PathLike[str]) -> None:
         raise ModelLoadError(f"cannot open model file {name!r}: {e.strerror or e}") from None
     with f:
         try:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < HEADER_SIZE:
                 raise _Bad(f"truncated: file has {size} bytes, the GGUF header alone needs {HEADER_SIZE}")
+            identity = (st.st_dev, st.st_ino, size)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                _Parser(buf, size).check()
+                known = _valid.get(identity)
+                if known and zlib.crc32(buf[:known[0]]) == known[1]:
+                    return
+                end = _Parser(buf, size).check()
+                if len(_valid) >= 64:
+                    _valid.clear()
+                _valid[identity] = (end, zlib.crc32(buf[:end]))
         except _Bad as e:
             raise ModelLoadError(f"invalid GGUF file {name!r}: {e}") from None
+        except (struct.error, OverflowError) as e:  # not expected: every read is bounds-checked
+            raise ModelLoadError(f"invalid GGUF file {name!r}: malformed metadata ({e})") from None
         except (OSError, ValueError) as e:  # mmap of a special file, I/O error
             raise ModelLoadError(f"cannot read model file {name!r}: {e}") from None
 
@@ -141,7 +173,8 @@ class _Parser:
 
     # -- sections --------------------------------------------------------------------
 
-    def check(self) -> None:
+    def check(self) -> int:
+        """Check everything; return where the metadata ends."""
         magic, version, n_tensors, n_kv = _HEADER(self.buf, 0)
         self.pos = HEADER_SIZE
         if magic != GGUF_MAGIC:
@@ -158,11 +191,13 @@ class _Parser:
             raise _Bad(f"key/value count {n_kv} impossible for a file of {self.size} bytes")
         alignment = self.check_kv(n_kv)
         self.check_tensors(n_tensors, alignment)
+        return self.pos
 
     def check_kv(self, n_kv: int) -> int:
         """Walk the key/value table; return general.alignment (or the default)."""
         alignment = GGUF_DEFAULT_ALIGNMENT
         seen: set[bytes] = set()
+        values: dict[bytes, int | float | bytes] = {}  # scalars and short strings, for check_values
         for i in range(n_kv):
             self.where = f"key/value {i}"
             key = self.string("key")
@@ -178,19 +213,50 @@ class _Parser:
             if key == b"general.alignment" and vtype != GGUF_UINT32:
                 raise _Bad(f"{self.where}: must be of type u32, not {GGUF_TYPES[vtype][0]}")
             if vtype == GGUF_ARRAY:
-                self.check_array()
-            elif key == b"general.alignment":
-                alignment = self.u32("value")
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise _Bad(f"{self.where}: alignment {alignment} is not a power of 2")
+                self.check_array(unique=key == b"tokenizer.ggml.tokens")
             elif vtype == GGUF_STRING:
-                self.string("value")
+                value = self.string("value")
+                if len(value) <= 64:
+                    values[key] = value
             else:
-                self._need(GGUF_TYPES[vtype][1], "value")
-                self.pos += GGUF_TYPES[vtype][1]
+                fmt = GGUF_TYPES[vtype][1]
+                self._need(struct.calcsize(fmt), "value")
+                values[key] = struct.unpack_from(fmt, self.buf, self.pos)[0]
+                self.pos += struct.calcsize(fmt)
+        if b"general.alignment" in values:
+            alignment = int(values[b"general.alignment"])
+            if alignment == 0 or alignment & (alignment - 1):
+                raise _Bad(f"key 'general.alignment': alignment {alignment} is not a power of 2")
+        self.check_values(values)
         return alignment
 
-    def check_array(self) -> None:
+    def check_values(self, values: dict[bytes, int | float | bytes]) -> None:
+        """Reject the values llama.cpp's model loader asserts on (an abort, not an error)."""
+        arch = values.get(b"general.architecture")
+        if not isinstance(arch, bytes):
+            return  # llama.cpp refuses a file without an architecture cleanly
+
+        def get(name: str) -> int | float | None:
+            v = values.get(arch + b"." + name.encode())
+            return v if isinstance(v, (int, float)) else None
+
+        what = f"key '{arch.decode(errors='replace')}.%s'"
+        n_layer = get("block_count")
+        if n_layer is not None and not 1 <= n_layer <= LLAMA_MAX_LAYERS:
+            raise _Bad(f"{what % 'block_count'}: {n_layer} layers, expected 1 to {LLAMA_MAX_LAYERS}")
+        nextn = get("nextn_predict_layers")
+        if nextn is not None and n_layer is not None and nextn > n_layer:
+            raise _Bad(f"{what % 'nextn_predict_layers'}: {nextn} is more than the {n_layer} layers")
+        n_expert = get("expert_count")
+        if n_expert is not None and n_expert > LLAMA_MAX_EXPERTS:
+            raise _Bad(f"{what % 'expert_count'}: {n_expert} experts, the maximum is {LLAMA_MAX_EXPERTS}")
+        for name in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
+            eps = get(name)
+            if eps is not None and not eps >= 0:  # NaN too: ggml asserts eps >= 0 in every norm
+                raise _Bad(f"{what % name}: epsilon {eps} is not >= 0")
+
+    def check_array(self, unique: bool = False) -> None:
+        """Walk an array value; with ``unique``, its strings must differ (the vocabulary)."""
         etype = self.i32("array element type")
         if etype not in GGUF_TYPES or etype == GGUF_ARRAY:
             raise _Bad(f"{self.where}: invalid array element type {etype}")
@@ -199,7 +265,7 @@ class _Parser:
         if n > GGUF_MAX_ARRAY_ELEMENTS:
             raise _Bad(f"{self.where}: array length {n} exceeds the maximum {GGUF_MAX_ARRAY_ELEMENTS}")
         if etype != GGUF_STRING:
-            nbytes = n * GGUF_TYPES[etype][1]
+            nbytes = n * struct.calcsize(GGUF_TYPES[etype][1])
             if nbytes > left:
                 raise _Bad(f"truncated: {self.where}: array of {n} {GGUF_TYPES[etype][0]} needs"
                            f" {nbytes} bytes, {left} left in the file")
@@ -208,18 +274,37 @@ class _Parser:
         if n * 8 > left:
             raise _Bad(f"truncated: {self.where}: array of {n} strings needs at least"
                        f" {n * 8} bytes, {left} left in the file")
-        # hot loop (a vocabulary has up to ~10^6 strings), ~100 ns a string: a length that
+        # hot loops (a vocabulary has up to ~10^6 strings), ~100 ns a string: a length that
         # overshoots makes the next unpack_from raise struct.error, or the last one fails below
         buf, pos, size, u64 = self.buf, self.pos, self.size, _U64
+        strings: list[bytes] = []
         try:
-            for _ in repeat(None, n):
-                pos += 8 + u64(buf, pos)[0]
-        except struct.error:
+            if unique:
+                add = strings.append
+                for _ in repeat(None, n):
+                    end = pos + 8 + u64(buf, pos)[0]
+                    add(buf[pos + 8:end])
+                    pos = end
+            else:
+                for _ in repeat(None, n):
+                    pos += 8 + u64(buf, pos)[0]
+        except (struct.error, OverflowError):  # a length field past the end, or beyond 2**63
             pos = size + 1
         if pos > size:
             raise _Bad(f"truncated: {self.where}: string array runs past the end of the file"
                        f" ({size} bytes)")
         self.pos = pos
+        if unique and len(set(strings)) != n:
+            self.check_unique(strings)
+
+    def check_unique(self, strings: list[bytes]) -> None:
+        """Name the first repeated string; llama.cpp aborts on a vocabulary with one."""
+        first: dict[bytes, int] = {}
+        for i, s in enumerate(strings):
+            s = s or b"[EMPTY_%d]" % i  # what llama.cpp makes of an empty token
+            if s in first:
+                raise _Bad(f"{self.where}: token {i} {_show(s)} repeats token {first[s]}")
+            first[s] = i
 
     def check_tensors(self, n_tensors: int, alignment: int) -> None:
         infos: list[tuple[str, int, int]] = []  # (name, offset, nbytes)
@@ -249,6 +334,8 @@ class _Parser:
             if gtype not in GGML_TYPES:
                 raise _Bad(f"{self.where}: unknown or removed ggml type {gtype}")
             tname, blck, tsize = GGML_TYPES[gtype]
+            if gtype in ACTIVATION_TYPES or (gtype in TABLE_TYPES and FLOAT_WEIGHT.fullmatch(raw)):
+                raise _Bad(f"{self.where}: type {tname} cannot be computed with (llama.cpp would crash)")
             if ne[0] % blck:
                 raise _Bad(f"{self.where}: type {tname} needs rows that are a multiple of {blck}"
                            f" elements, row has {ne[0]}")

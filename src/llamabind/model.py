@@ -39,6 +39,7 @@ class _Progress:
     def __init__(self, fn: ProgressCallback) -> None:
         self.fn = fn
         self.error: BaseException | None = None
+        self.cancelled = False
         self.handle = ffi.new_handle(self)
 
 
@@ -46,10 +47,10 @@ class _Progress:
 def _llamabind_progress(progress: float, user_data) -> bool:
     state: _Progress = ffi.from_handle(user_data)
     try:
-        return state.fn(progress) is not False
+        state.cancelled = state.fn(progress) is False
     except BaseException as e:  # surfaced after llama.cpp returns
-        state.error = e
-        return False
+        state.error, state.cancelled = e, True
+    return not state.cancelled
 
 
 def _read_str(fn: Callable[..., int], *args: Any) -> str | None:
@@ -102,7 +103,7 @@ class Model(Handle):
             if state is not None and state.error is not None:
                 raise ModelLoadError(f"{path}: progress callback raised {state.error!r}") from state.error
             reason = take_errors() or "see the llamabind log"
-            if state is not None and "cancel" in reason.lower():
+            if state is not None and state.cancelled:
                 raise ModelLoadError(f"{path}: load cancelled by the progress callback")
             raise ModelLoadError(f"llama.cpp could not load {path}: {reason}")
         super().__init__(ptr, lib.llama_model_free)
@@ -161,10 +162,11 @@ class Model(Handle):
         """Render chat ``messages`` ({"role", "content"}) with llama.cpp's template engine.
 
         ``template`` is a template text or a built-in name (``chatml``, ``gemma``, ...);
-        by default the model's own. Unsupported templates raise InvalidInputError.
+        by default the model's own, else the built-in one named after its architecture.
+        Unsupported templates raise InvalidInputError.
         """
         msgs = list(messages)
-        tmpl = template if template is not None else self.chat_template()
+        tmpl = template if template is not None else self.chat_template() or self._builtin_template()
         if tmpl is None:
             raise InvalidInputError("the model has no chat template; pass template=")
         keep = []
@@ -191,10 +193,27 @@ class Model(Handle):
             size = n
         raise InvalidInputError("chat template rendering did not converge")
 
+    def _builtin_template(self) -> str | None:
+        """llama.cpp's built-in template named like the architecture (``gemma3`` -> ``gemma``)."""
+        arch = (self.architecture or "").lower()
+        names = builtin_chat_templates()
+        for cand in (arch, arch.rstrip("0123456789.")):
+            if cand in names:
+                return cand
+        return None
+
     # -- LoRA --------------------------------------------------------------------------------
     def load_lora(self, path: str | os.PathLike) -> "LoraAdapter":
         """Load a LoRA adapter for this model; apply it with ``Context.set_loras``."""
         return LoraAdapter(self, path)
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of the chat templates llama_chat_apply_template knows without a model."""
+    n = lib.llama_chat_builtin_templates(ffi.NULL, 0)
+    arr = ffi.new("const char *[]", n)
+    lib.llama_chat_builtin_templates(arr, n)
+    return [ffi.string(arr[i]).decode() for i in range(n)]
 
 
 class LoraAdapter(Handle):

@@ -137,6 +137,9 @@ class MtmdContext(Handle):
         if ptr == ffi.NULL:
             if state is not None and state.error is not None:
                 raise MtmdError(f"{path}: progress callback raised {state.error!r}") from state.error
+            if state is not None and getattr(state, "cancelled", False):
+                take_errors()
+                raise MtmdError(f"{path}: load cancelled by the progress callback")
             raise MtmdError(f"libmtmd could not load the projector {path}: "
                             f"{take_errors() or 'see the llamabind log'}")
         super().__init__(ptr, lib.mtmd_free, parent=model)
@@ -181,6 +184,8 @@ class MtmdContext(Handle):
             if not isinstance(b, Bitmap):
                 raise InvalidInputError(f"bitmap {i} is a {type(b).__name__}, not a Bitmap")
             self._check_kind(b.is_audio, f"bitmap {i}")
+            if b.is_audio and b.nx < 2:  # libmtmd aborts (GGML_ASSERT) on a 1-sample clip
+                raise MediaError(f"bitmap {i} holds {b.nx} audio samples; at least 2 are needed")
         ptrs = ffi.new("mtmd_bitmap *[]", [b.ptr for b in bitmaps] or [ffi.NULL])
         text = ffi.new("mtmd_input_text *")
         cbuf = ffi.new("char[]", data)
@@ -278,8 +283,8 @@ class Bitmap(Handle):
             raise InvalidInputError(f"audio must have dtype float32, not {pcm.dtype}")
         if pcm.ndim != 1:
             raise InvalidInputError(f"audio must be one-dimensional (mono samples), not shape {pcm.shape}")
-        if pcm.size == 0:
-            raise InvalidInputError("audio is empty (no samples)")
+        if pcm.size < 2:
+            raise InvalidInputError(f"audio needs at least 2 samples, not {pcm.size}")
         if not pcm.flags.c_contiguous:
             raise InvalidInputError("audio must be C-contiguous (use np.ascontiguousarray)")
         if not np.isfinite(pcm).all():

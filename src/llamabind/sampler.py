@@ -303,13 +303,13 @@ class PySampler:
             return call
 
         name = ffi.new("char[]", self.name.encode())
+        slot = {n: f.type for n, f in ffi.typeof("struct llama_sampler_i").fields}
         cbs = {
-            "name": ffi.callback("const char *(const struct llama_sampler *)", lambda s: name),
-            "accept": ffi.callback("void(struct llama_sampler *, llama_token)", guard(lambda s, t: self.accept(t))),
-            "apply": ffi.callback("void(struct llama_sampler *, llama_token_data_array *)",
-                                  guard(lambda s, c: self.apply(TokenDataArray(c)))),
-            "reset": ffi.callback("void(struct llama_sampler *)", guard(lambda s: self.reset())),
-            "free": ffi.callback("void(struct llama_sampler *)", lambda s: None),
+            "name": ffi.callback(slot["name"], lambda s: name),
+            "accept": ffi.callback(slot["accept"], guard(lambda s, t: self.accept(t))),
+            "apply": ffi.callback(slot["apply"], guard(lambda s, c: self.apply(TokenDataArray(c)))),
+            "reset": ffi.callback(slot["reset"], guard(lambda s: self.reset())),
+            "free": ffi.callback(slot["free"], lambda s: None),
         }
         iface = ffi.new("struct llama_sampler_i *", cbs)
         handle = ffi.new_handle(self)
