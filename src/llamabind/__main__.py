@@ -15,7 +15,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload (-1: all)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="show llama.cpp's log (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="show llama.cpp's log (default: errors only; -vv: debug)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(fn=cmd_bench, verbose=0)
     args = ap.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    level = {0: logging.ERROR, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     logging.getLogger("llamabind").setLevel(level)
     try:

@@ -1,12 +1,19 @@
-"""Validate a GGUF file's structure in pure Python before llama.cpp reads it.
+"""Validate a GGUF file in pure Python before llama.cpp reads it.
 
-llama.cpp's GGUF reader (vendor/llama.cpp/ggml/src/gguf.cpp) rejects most malformed
-files cleanly, but the model loader behind it trusts what the reader accepted: tensor
-data past the end of the file, or a value of an unexpected type, can end in an abort
-or a crash.  ``check_gguf`` walks the header, the key/value table and the tensor-info
-table (never the tensor data) through an mmap, mirrors every check of gguf.cpp and adds
-the bounds checks the loader lacks, and raises ``ModelLoadError`` with one line naming
-the file and the problem.  Cost: a few ms, dominated by the vocabulary's string array.
+llama.cpp's GGUF reader (vendor/llama.cpp/ggml/src/gguf.cpp) rejects malformed metadata
+cleanly, but the model loader and the compute kernels behind it abort (GGML_ASSERT) or
+crash on some files the reader accepts.  ``check_gguf`` walks the header, the key/value
+table and the tensor-info table (never the tensor data) through an mmap, mirrors every
+check of gguf.cpp (plus: 1 to 4 dimensions, tensor data inside the file), and rejects
+what the fuzz in tests/test_fuzz_gguf.py found crashing llama.cpp: a repeated token in
+the vocabulary, a block count outside 1..512, a NaN or negative norm epsilon, and weights
+of a type no kernel computes with.  It raises ``ModelLoadError`` with one line naming the
+file and the problem.
+
+Cost: the Python loop over the vocabulary dominates (each token is sliced out to look for
+repeats): ~0.3 ms for the tiny test model, 0.1-0.25 s for a 262k-token vocabulary (gemma3)
+on a busy 2-core machine.  A recheck of an unchanged file (same device, inode and size)
+only checksums its metadata: ~5 ms for that vocabulary.
 """
 
 from __future__ import annotations
