@@ -224,3 +224,37 @@ def test_vendored_tree_matches_pin():
     assert vendor.is_current(pin, LLAMA), "vendor/llama.cpp is not the pinned source"
     for sub in pin["subtrees"]:
         assert (LLAMA / sub).exists(), sub
+
+
+# -- packaging -----------------------------------------------------------------------------
+
+def test_installed_wheel_is_abi3():
+    from importlib.metadata import distribution
+
+    tags = [l.split(":", 1)[1].strip() for l in distribution("llamabind").read_text("WHEEL").splitlines()
+            if l.startswith("Tag:")]
+    assert tags and all("-abi3-" in t and t.startswith("cp310-") for t in tags), tags
+
+
+def test_libraries_are_single_files_found_by_rpath():
+    """One file per shared library (no symlink copies), each finding its siblings via $ORIGIN."""
+    libs = sorted(p.name for p in PKG_DIR.glob("lib*.so*"))
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libmtmd.so.0"} <= set(libs), libs
+    assert not any(n.endswith(".so") for n in libs)
+
+
+def test_sdist_contains_the_pinned_source(tmp_path):
+    """``python -m build --sdist`` ships vendor/llama.cpp, so the sdist builds offline."""
+    pytest.importorskip("build")
+    out = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (sdist,) = tmp_path.glob("llamabind-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = set(tar.getnames())
+    root = sdist.name[: -len(".tar.gz")]
+    for must in ("vendor/pin.json", "vendor/llama.cpp/CMakeLists.txt", "vendor/llama.cpp/.llamabind-pin",
+                 "vendor/llama.cpp/include/llama.h", "vendor/llama.cpp/tools/mtmd/mtmd.h",
+                 "build_backend/__init__.py", "CMakeLists.txt"):
+        assert f"{root}/{must}" in names, must
+    assert not any("/build/" in n for n in names)

@@ -158,6 +158,9 @@ def cmd_bench(args) -> int:
                      native=native, parallel=parallel, overhead_model=args.overhead_model, emit=emit)
     if not args.json:
         print(bench.format_table(rows))
+    if args.report:
+        for path in bench.write_report(rows, args.report, "python -m llamabind " + " ".join(sys.argv[1:])):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", default="", help="sequence counts, e.g. 1,2,4,8")
     p.add_argument("--overhead-model", help="tiny GGUF for the per-token overhead row")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/report.md and DIR/chart.png")
     p.set_defaults(fn=cmd_bench, verbose=0)
     args = ap.parse_args(argv)
     level = {0: logging.ERROR, 1: logging.INFO}.get(args.verbose, logging.DEBUG)

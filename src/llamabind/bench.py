@@ -205,3 +205,47 @@ def find_native(explicit: str | None) -> str | None:
     if env and (Path(env) / "llama-bench").is_file():
         return str(Path(env) / "llama-bench")
     return shutil.which("llama-bench")
+
+
+def machine_line() -> str:
+    """A one-line description of this machine for reports."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs"
+
+
+def write_report(rows: list[Row], directory: str | Path, command: str) -> list[Path]:
+    """Write report.md (the table, the machine, the command) and, with matplotlib, chart.png."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    md.write_text(f"# llamabind benchmark\n\nMachine: {machine_line()}  \nCommand: `{command}`\n\n"
+                  f"{format_table(rows)}\n")
+    written = [md]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    tests = [t for t in dict.fromkeys(r.test for r in rows) if t not in ("load", "overhead")]
+    impls = list(dict.fromkeys(r.impl for r in rows if r.test in tests))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tests)), 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        vals = [next((r.tps for r in rows if r.test == t and r.impl == impl), 0.0) for t in tests]
+        ax.bar([i + k * width for i in range(len(tests))], vals, width, label=impl)
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(tests))], tests)
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_title(f"{rows[0].model if rows else ''}: llamabind vs native")
+    ax.legend()
+    fig.tight_layout()
+    png = out / "chart.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return written + [png]
