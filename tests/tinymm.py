@@ -136,9 +136,9 @@ def write_tiny_mmproj(
         w.add_uint32("clip.audio.num_mel_bins", n_mel)
         # conv1d kernels: ggml ne [3, in, out]
         w.add_tensor("a.conv1d.1.weight", rnd(n_embd_audio, n_mel, 3, scale=0.2))
-        w.add_tensor("a.conv1d.1.bias", rnd(n_embd_audio))
+        w.add_tensor("a.conv1d.1.bias", rnd(n_embd_audio, 1))  # ne [1, n_embd]: added per frame
         w.add_tensor("a.conv1d.2.weight", rnd(n_embd_audio, n_embd_audio, 3, scale=0.2))
-        w.add_tensor("a.conv1d.2.bias", rnd(n_embd_audio))
+        w.add_tensor("a.conv1d.2.bias", rnd(n_embd_audio, 1))
         w.add_tensor("a.position_embd.weight", rnd(n_pos_audio, n_embd_audio, scale=0.2))
         tower("a", n_embd_audio, n_head_audio, n_ff_audio, k_bias=False)
         w.add_tensor("mm.a.fc.weight", rnd(n_embd_text, n_embd_audio, scale=1.0))

@@ -91,6 +91,10 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     import llamabind as lb
 
+    if args.mmproj:
+        from ._cli_mtmd import run_generate_mm
+
+        return run_generate_mm(args)
     model, ctx = _open(args)
     with model, ctx:
         sampler = _sampler(args, model.vocab)
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
+    p.add_argument("--mmproj", help="multimodal projector GGUF (enables --image/--audio)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable; needs --mmproj)")
+    p.add_argument("--audio", action="append", default=[], help="audio file (repeatable; needs --mmproj)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("chat", help="interactive chat with the model's template and KV reuse")
     _model_args(p)

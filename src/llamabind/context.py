@@ -210,6 +210,11 @@ class Context(Handle):
         rows = np.flatnonzero(batch.logits[: batch.n_tokens]) if rc == 0 else np.empty(0, np.intp)
         self._out_rows, self._n_outputs = rows, rows.size
 
+    def mark_outputs(self, n_outputs: int) -> None:
+        """Declare that a decode made outside this object (e.g. by libmtmd) left ``n_outputs``
+        output rows, the last ones of its batch, so ``logits(-1)`` and samplers may read them."""
+        self._out_rows, self._n_outputs = None, max(0, int(n_outputs))
+
     def _output_index(self, i: int) -> int:
         """Check that batch row ``i`` of the last decode has an output (negative: from the last output)."""
         rows, n = self._out_rows, self._n_outputs

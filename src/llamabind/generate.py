@@ -396,7 +396,8 @@ def generate_after(ctx: Context, n_past: int, *, n_prompt: int | None = None, se
     if max_tokens < 1:
         raise InvalidInputError("max_tokens must be >= 1")
     ctx._history[seq_id] = [-1] * n_past  # media positions: never a text prefix to reuse
-    ctx._out_rows, ctx._n_outputs = None, max(ctx._n_outputs, 1)
+    if ctx._n_outputs < 1:
+        ctx.mark_outputs(1)
     seq = _Seq(ctx, 0, seq_id, np.empty(0, np.int32), sampler or Sampler.greedy(), stop, max_tokens)
     seq.n_pos = n_past
     seq.row = -1

@@ -49,7 +49,7 @@ from .model import Model, _Progress
 from .sampler import Sampler
 
 __all__ = [
-    "MtmdContext", "Bitmap", "Chunks", "Chunk", "ChunkType", "MediaError",
+    "MtmdContext", "Bitmap", "Chunks", "Chunk", "ChunkInfo", "ChunkType", "MediaError",
     "default_marker", "eval_chunks", "generate", "complete", "render_chat",
 ]
 
@@ -107,6 +107,8 @@ class MtmdContext(Handle):
             raise ModelNotFoundError(f"projector file not found: {path}")
         if not os.path.isfile(path):
             raise MtmdError(f"projector is not a regular file: {path}")
+        if n_threads is not None and n_threads < 1:
+            raise InvalidInputError(f"n_threads must be >= 1, not {n_threads}")
         if check:
             check_gguf(path)
         mparams = lib.mtmd_context_params_default()
@@ -120,12 +122,11 @@ class MtmdContext(Handle):
                 values[key] = value
         values.update(params)
         _params.apply(mparams, "struct mtmd_context_params", values)
-        keep = []
+        marker = None  # kept alive until mtmd_init_from_file has copied it
         if media_marker is not None:
             if not isinstance(media_marker, str) or not media_marker or "\0" in media_marker:
                 raise InvalidInputError("media_marker must be a non-empty string without NUL")
             marker = ffi.new("char[]", media_marker.encode("utf-8"))
-            keep.append(marker)
             mparams.media_marker = marker
         state = None
         if progress is not None:
@@ -556,6 +557,7 @@ def eval_chunks(ctx: Context, chunks: Chunks, n_past: int = 0, seq_id: int = 0, 
             if rc == 1:
                 raise KVCacheFullError(f"mtmd_helper_eval_chunks: no KV-cache slot for the batch: {reason}", rc)
             raise DecodeError(f"mtmd_helper_eval_chunks failed with code {rc}: {reason or 'see the llamabind log'}", rc)
+        ctx.mark_outputs(1 if logits_last else 0)
     finally:
         ctx._release()
     return int(new_n_past[0])
