@@ -323,3 +323,48 @@ def test_no_leak_creating_and_freeing_handles(tiny_model):
     gc.collect()
     grown = _rss_kb() - before
     assert grown < 20_000, f"RSS grew by {grown} kB"
+
+
+def test_lora_apply_scale_and_remove(tiny_model, tmp_path):
+    from tinymodels import write_tiny_lora
+
+    adapter = tiny_model.load_lora(write_tiny_lora(tmp_path / "lora.gguf"))
+    toks = tiny_model.vocab.tokenize("hello")
+
+    def last_logits(ctx):
+        ctx.memory.clear()
+        b = lb.Batch(16)
+        b.add(toks, 0)
+        ctx.decode(b)
+        return ctx.logits(-1).copy()
+
+    with lb.Context(tiny_model, n_ctx=128, n_threads=1) as ctx:
+        base = last_logits(ctx)
+        ctx.set_loras({adapter: 1.0})
+        full = last_logits(ctx)
+        ctx.set_loras({adapter: 0.5})
+        half = last_logits(ctx)
+        ctx.set_loras({})
+        again = last_logits(ctx)
+    assert not np.allclose(base, full, atol=1e-3) and not np.allclose(full, half, atol=1e-3)
+    assert np.allclose(base, again, atol=1e-5)
+    with pytest.raises(lb.ModelLoadError):
+        tiny_model.load_lora(tmp_path / "missing.gguf")
+    adapter.close()
+
+
+def test_state_file_roundtrip(tiny_model, tmp_path):
+    with lb.Context(tiny_model, n_ctx=128, n_threads=1) as ctx:
+        ref = lb.complete(ctx, "hello world", max_tokens=8, reuse_cache=False).tokens
+        lb.complete(ctx, "hello world", max_tokens=1, reuse_cache=False)
+        ctx.state_save_file(tmp_path / "s.bin")
+        ctx.memory.clear()
+        saved = ctx.state_load_file(tmp_path / "s.bin")
+        assert saved.size == ctx.vocab.tokenize("hello world").size
+        again = lb.complete(ctx, "hello world", max_tokens=8)
+        assert again.usage.cached_tokens == saved.size - 1 and again.tokens == ref
+        with pytest.raises(FileNotFoundError):
+            ctx.state_load_file(tmp_path / "nope.bin")
+        (tmp_path / "junk.bin").write_bytes(b"junk" * 10)
+        with pytest.raises(lb.InvalidInputError):
+            ctx.state_load_file(tmp_path / "junk.bin")

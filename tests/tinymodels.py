@@ -122,3 +122,24 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_lora(path: str | os.PathLike, *, n_embd: int = 64, n_layer: int = 2, rank: int = 4,
+                    alpha: float = 8.0, seed: int = 1) -> str:
+    """A LoRA adapter for ``write_tiny_llama``'s model: low-rank deltas on every attn_q/attn_output."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    for i in range(n_layer):
+        for name in ("attn_q", "attn_output"):
+            base = f"blk.{i}.{name}.weight"
+            # ggml shapes: lora_a [n_in, r], lora_b [r, n_out]; numpy arrays are reversed
+            w.add_tensor(base + ".lora_a", (rng.standard_normal((rank, n_embd)) * 0.5).astype(np.float32))
+            w.add_tensor(base + ".lora_b", (rng.standard_normal((n_embd, rank)) * 0.5).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

@@ -293,16 +293,17 @@ class Context(Handle):
         if n == 0:
             raise InvalidInputError(f"sequence state rejected: {take_errors() or 'wrong size or model'}")
 
-    def state_save_file(self, path: str | os.PathLike, tokens: Any = ()) -> None:
-        """Save the context state and the prompt ``tokens`` to a file."""
-        toks = np.ascontiguousarray(tokens, dtype=np.int32)
+    def state_save_file(self, path: str | os.PathLike, tokens: Any = None) -> None:
+        """Save the context state and ``tokens`` (default: the tokens of sequence 0 in the cache) to a file."""
+        toks = np.ascontiguousarray(self._history.get(0, []) if tokens is None else tokens, dtype=np.int32)
         with self._lock:
             ok = lib.llama_state_save_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), toks.size)
         if not ok:
             raise LlamaError(f"could not save state to {path}: {take_errors()}")
 
     def state_load_file(self, path: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
-        """Load a state file; returns the tokens saved with it."""
+        """Load a state file; returns the tokens saved with it, which ``generate`` then reuses
+        as the cached prefix of sequence 0."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"state file not found: {path}")
         cap = max_tokens or self.n_ctx
@@ -313,6 +314,7 @@ class Context(Handle):
         self._history.clear()
         if not ok:
             raise InvalidInputError(f"could not load state from {path}: {take_errors()}")
+        self._history[0] = toks[: n[0]].tolist()
         return toks[: n[0]].copy()
 
     # -- generation bookkeeping ----------------------------------------------------------------
