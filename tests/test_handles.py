@@ -368,3 +368,10 @@ def test_state_file_roundtrip(tiny_model, tmp_path):
         (tmp_path / "junk.bin").write_bytes(b"junk" * 10)
         with pytest.raises(lb.InvalidInputError):
             ctx.state_load_file(tmp_path / "junk.bin")
+
+
+@pytest.mark.parametrize("params", [dict(n_batch=128, n_seq_max=256),
+                                    dict(embeddings=True, pooling="mean", n_ubatch=512, n_seq_max=3)])
+def test_context_shapes_llama_cpp_would_abort_on(tiny_model, params):
+    with pytest.raises(lb.InvalidInputError):
+        lb.Context(tiny_model, n_ctx=1024, n_threads=1, **params)

@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(p)
     p.add_argument("--system", default="", help="system message")
     p.set_defaults(fn=cmd_chat)
+    from ._cli_embed import add_parser as add_embed_parser
+
+    add_embed_parser(sub)
     p = sub.add_parser("bench", help="llamabind vs native llama.cpp, side by side")
     p.add_argument("-m", "--model", help="GGUF model (default: gemma3-270m from llamabind[model])")
     p.add_argument("-p", "--n-prompt", type=int, default=512)

@@ -57,6 +57,18 @@ def _llamabind_abort(data) -> bool:
 _ALIASES = {"pooling": "pooling_type", "flash_attn": "flash_attn_type", "attention": "attention_type"}
 
 
+def _check_shape(p) -> None:
+    """Refuse parameter combinations on which llama.cpp aborts instead of failing."""
+    n_batch = p.n_batch if p.n_ctx == 0 else min(p.n_batch, p.n_ctx)
+    n_outputs = p.n_outputs_max or n_batch
+    if p.n_seq_max > n_outputs:
+        raise InvalidInputError(f"n_seq_max={p.n_seq_max} exceeds the output slots ({n_outputs}): "
+                                f"raise n_batch (or n_outputs_max) or lower n_seq_max")
+    if p.embeddings and p.n_seq_max > 1 and min(p.n_ubatch, p.n_batch) % p.n_seq_max:
+        raise InvalidInputError(f"with embeddings, n_ubatch ({min(p.n_ubatch, p.n_batch)}) must be a multiple "
+                                f"of n_seq_max ({p.n_seq_max})")
+
+
 class Context(Handle):
     """A llama.cpp context over a model: the KV cache, the compute buffers and the outputs.
 
@@ -81,6 +93,7 @@ class Context(Handle):
             values[key] = value
         cparams = lib.llama_context_default_params()
         _params.apply(cparams, "struct llama_context_params", values)
+        _check_shape(cparams)
         self._abort_flag = ffi.new("int *")
         cparams.abort_callback = ffi.addressof(lib, "_llamabind_flag_abort")
         cparams.abort_callback_data = self._abort_flag

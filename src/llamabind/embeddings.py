@@ -30,10 +30,10 @@ import numpy as np
 from .batch import Batch
 from .binding import ffi, lib
 from .context import Context
-from .errors import ClosedError, ContextOverflowError, InvalidInputError
+from .errors import ContextOverflowError, InvalidInputError
 from .model import Model
 
-__all__ = ["Embedder", "Reranker", "RerankResult", "normalize", "POOLING", "NORMALIZE"]
+__all__ = ["Embedder", "Reranker", "RerankResult", "normalize", "is_reranker", "POOLING", "NORMALIZE"]
 
 #: pooling names accepted by Embedder (llama.cpp's ``--pooling``); None/"default": the model's own
 POOLING = ("none", "mean", "cls", "last", "rank")
@@ -224,7 +224,7 @@ class Embedder:
             self._own_model = True
         try:
             if isinstance(source, Context):
-                if pooling is not None or n_ctx or n_batch or n_seq_max or params:
+                if pooling is not None or n_ctx or n_batch or n_seq_max or n_threads or params:
                     raise InvalidInputError("pass context settings when creating the Context, not to Embedder")
                 ctx = source
                 if not ctx.embeddings_enabled:
@@ -289,10 +289,18 @@ class Embedder:
             n_batch = n_ctx
         if n_ctx < 1 or n_batch < 1:
             raise InvalidInputError("n_ctx and n_batch must be >= 1")
+        n_batch = min(n_batch, n_ctx)  # llama.cpp clamps it so for causal models; raise n_ctx for bigger batches
+        # llama.cpp aborts creating the context (GGML_ASSERT in output_reserve) if n_seq_max exceeds
+        # n_outputs_max (n_batch by default), and (ggml_can_mul_mat, pooled graph reserve) if
+        # n_ubatch is not a multiple of n_seq_max: only divisors of n_batch are safe.
+        most = min(int(lib.llama_max_parallel_sequences()), params.get("n_outputs_max") or n_batch)
         if n_seq_max is None:
-            n_seq_max = 4 if (model.is_recurrent or model.is_hybrid) else int(lib.llama_max_parallel_sequences())
-        if not 1 <= n_seq_max <= lib.llama_max_parallel_sequences():
-            raise InvalidInputError(f"n_seq_max must be in [1, {lib.llama_max_parallel_sequences()}]")
+            want = min(4 if (model.is_recurrent or model.is_hybrid) else most, most)
+            n_seq_max = max(d for d in range(1, want + 1) if n_batch % d == 0)
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= most \
+                or n_batch % n_seq_max:
+            raise InvalidInputError(f"n_seq_max={n_seq_max!r}: must divide n_batch={n_batch} and be in [1, {most}] "
+                                    f"(llama.cpp aborts otherwise)")
         values = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
                       embeddings=True, pooling=pooling, kv_unified=True)
         values.update(params)
@@ -352,49 +360,57 @@ class Embedder:
     def _run(self, toks: list[np.ndarray], width: int) -> list[np.ndarray]:
         """Pack the sequences into batches, run them, and return one float32 array per batch:
         (n_seqs, width) for pooled output, (n_tokens, n_embd) for per-token output."""
-        ctx, batch = self.ctx, self._batch
-        pooled = self.pooling != "none"
-        out: list[np.ndarray] = []
+        ctx = self.ctx
+        with self._lock:
+            ctx.ptr  # ClosedError first
+            ctx._acquire()  # BusyError while a generation (or another Embedder) drives this context
+            try:
+                return [self._batch_run(group, width) for group in self._pack(toks)]
+            finally:
+                ctx._release()
+
+    def _pack(self, toks: list[np.ndarray]) -> Iterable[list[np.ndarray]]:
+        """Greedy packing in input order, as llama.cpp's embedding tool does."""
         lens = np.fromiter((t.size for t in toks), dtype=np.int64, count=len(toks))
         start, n = 0, len(toks)
-        with self._lock:
-            ptr = ctx.ptr
-            while start < n:
-                # greedy packing in input order, as llama.cpp's embedding tool does
-                csum = np.cumsum(lens[start: start + self.n_seq_max])
-                k = max(1, int(np.searchsorted(csum, self.batch_tokens, side="right")))
-                group = toks[start: start + k]
-                total = int(csum[k - 1])
-                batch.token[:total] = np.concatenate(group) if k > 1 else group[0]
-                glens = lens[start: start + k]
-                offsets = np.repeat(csum[:k] - glens, glens)
-                batch.pos[:total] = np.arange(total, dtype=np.int32) - offsets
-                batch.seq_id[:total, 0] = np.repeat(np.arange(k, dtype=np.int32), glens)
-                batch.n_seq_id[:total] = 1
-                batch.logits[:total] = 1
-                batch.n_tokens = total
-                if self._use_encode:
-                    ctx.encode(batch)
-                else:
-                    ctx.memory.clear()
-                    ctx.decode(batch)
-                if pooled:
-                    res = np.empty((k, width), dtype=np.float32)
-                    dst = ffi.cast("char *", ffi.from_buffer(res))
-                    row = width * 4
-                    for s in range(k):
-                        p = lib.llama_get_embeddings_seq(ptr, s)
-                        if p == ffi.NULL:
-                            raise InvalidInputError(f"llama.cpp returned no pooled embedding for sequence {s}")
-                        ffi.memmove(dst + s * row, p, row)
-                else:
-                    p = lib.llama_get_embeddings(ptr)
-                    if p == ffi.NULL:
-                        raise InvalidInputError("llama.cpp returned no token embeddings")
-                    res = np.frombuffer(ffi.buffer(p, total * width * 4), dtype=np.float32).reshape(total, width).copy()
-                out.append(res)
-                start += k
-        return out
+        while start < n:
+            csum = np.cumsum(lens[start: start + self.n_seq_max])
+            k = max(1, int(np.searchsorted(csum, self.batch_tokens, side="right")))
+            yield toks[start: start + k]
+            start += k
+
+    def _batch_run(self, group: list[np.ndarray], width: int) -> np.ndarray:
+        """Run one batch of sequences (seq ids 0..k-1, positions from 0) and copy its outputs once."""
+        ctx, batch, k = self.ctx, self._batch, len(group)
+        lens = np.fromiter((t.size for t in group), dtype=np.int64, count=k)
+        total = int(lens.sum())
+        batch.token[:total] = np.concatenate(group) if k > 1 else group[0]
+        starts = np.cumsum(lens) - lens
+        batch.pos[:total] = np.arange(total, dtype=np.int32) - np.repeat(starts, lens)
+        batch.seq_id[:total, 0] = np.repeat(np.arange(k, dtype=np.int32), lens)
+        batch.n_seq_id[:total] = 1
+        batch.logits[:total] = 1  # embeddings need every token's output
+        batch.n_tokens = total
+        if self._use_encode:
+            ctx.encode(batch)
+        else:
+            ctx.memory.clear()
+            ctx.decode(batch)
+        ptr = ctx.ptr
+        if self.pooling == "none":
+            p = lib.llama_get_embeddings(ptr)
+            if p == ffi.NULL:
+                raise InvalidInputError("llama.cpp returned no token embeddings")
+            return np.frombuffer(ffi.buffer(p, total * width * 4), dtype=np.float32).reshape(total, width).copy()
+        res = np.empty((k, width), dtype=np.float32)
+        dst = ffi.cast("char *", ffi.from_buffer(res))
+        row = width * 4
+        for s in range(k):
+            p = lib.llama_get_embeddings_seq(ptr, s)
+            if p == ffi.NULL:
+                raise InvalidInputError(f"llama.cpp returned no pooled embedding for sequence {s}")
+            ffi.memmove(dst + s * row, p, row)
+        return res
 
     def _check_dim(self, dim: int | None) -> None:
         if dim is None:

@@ -43,6 +43,12 @@ class Vocab:
         self._vptr = lib.llama_model_get_vocab(model.ptr)
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
         self._piece = ffi.new("char[]", 256)
+        # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
+        wpm = lib.llama_vocab_type(self._vptr) == lib.LLAMA_VOCAB_TYPE_WPM
+        no_bos = lib.llama_vocab_bos(self._vptr) == TOKEN_NULL
+        no_sep = lib.llama_vocab_sep(self._vptr) == TOKEN_NULL
+        self._can_add_special = not (((wpm or lib.llama_vocab_get_add_bos(self._vptr)) and no_bos)
+                                     or (wpm and no_sep))
 
     @property
     def ptr(self):
@@ -68,6 +74,8 @@ class Vocab:
         """Tokenize UTF-8 text into an int32 array of token ids."""
         data = _encode(text)
         vptr = self.ptr
+        if add_special and not self._can_add_special:
+            raise InvalidInputError("this vocabulary lacks the BOS/SEP tokens it would add: use add_special=False")
         out = np.empty(len(data) + 8, dtype=np.int32)
         n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
                                add_special, parse_special)
