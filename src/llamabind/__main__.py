@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 
@@ -70,6 +69,27 @@ def _done_json(ev) -> dict:
     return {"finish_reason": ev.finish_reason, "usage": asdict(ev.usage), "timings": asdict(ev.timings)}
 
 
+def print_events(events, as_json: bool, prompt_note: str = "") -> None:
+    """Stream generation events to stdout: text, or one JSON object per token then a summary."""
+    import llamabind as lb
+
+    for ev in events:
+        if isinstance(ev, lb.TokenEvent):
+            if as_json:
+                print(json.dumps({"id": ev.token, "text": ev.text}, ensure_ascii=False), flush=True)
+            else:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        elif as_json:
+            print(json.dumps(_done_json(ev)), flush=True)
+        else:
+            sys.stdout.write("\n")
+            t = ev.timings
+            print(f"[{ev.finish_reason}: {ev.usage.prompt_tokens} prompt{prompt_note}, "
+                  f"{ev.usage.completion_tokens} generated; prompt {t.prompt_tps:.1f} tok/s, "
+                  f"generation {t.generation_tps:.1f} tok/s]", file=sys.stderr)
+
+
 def cmd_info(args) -> int:
     import llamabind as lb
 
@@ -99,20 +119,7 @@ def cmd_generate(args) -> int:
     with model, ctx:
         sampler = _sampler(args, model.vocab)
         events = lb.generate(ctx, args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop)
-        for ev in events:
-            if isinstance(ev, lb.TokenEvent):
-                if args.json:
-                    print(json.dumps({"id": ev.token, "text": ev.text}, ensure_ascii=False), flush=True)
-                else:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
-            elif args.json:
-                print(json.dumps(_done_json(ev)), flush=True)
-            else:
-                sys.stdout.write("\n")
-                t = ev.timings
-                print(f"[{ev.finish_reason}: {ev.usage.prompt_tokens} prompt, {ev.usage.completion_tokens} generated; "
-                      f"prompt {t.prompt_tps:.1f} tok/s, generation {t.generation_tps:.1f} tok/s]", file=sys.stderr)
+        print_events(events, args.json)
     return 0
 
 

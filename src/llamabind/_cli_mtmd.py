@@ -8,7 +8,6 @@ user message with the model's chat template (used as is when the model has none)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ def run_generate_mm(args) -> int:
     import llamabind as lb
     from llamabind import mtmd
 
-    from .__main__ import _done_json, _progress_bar, _sampler
+    from .__main__ import _progress_bar, _sampler, print_events
     from .models import default_model_path
 
     files = list(getattr(args, "image", None) or []) + list(getattr(args, "audio", None) or [])
@@ -46,19 +45,5 @@ def run_generate_mm(args) -> int:
                                stop=args.stop, add_special=add_special, parse_special=True)
         for b in bitmaps:
             b.close()  # the chunks hold their own copy
-        for ev in events:
-            if isinstance(ev, lb.TokenEvent):
-                if args.json:
-                    print(json.dumps({"id": ev.token, "text": ev.text}, ensure_ascii=False), flush=True)
-                else:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
-            elif args.json:
-                print(json.dumps(_done_json(ev)), flush=True)
-            else:
-                sys.stdout.write("\n")
-                t = ev.timings
-                print(f"[{ev.finish_reason}: {ev.usage.prompt_tokens} prompt (media included), "
-                      f"{ev.usage.completion_tokens} generated; prompt {t.prompt_tps:.1f} tok/s, "
-                      f"generation {t.generation_tps:.1f} tok/s]", file=sys.stderr)
+        print_events(events, args.json, " (media included)")
     return 0

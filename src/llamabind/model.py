@@ -42,6 +42,16 @@ class _Progress:
         self.cancelled = False
         self.handle = ffi.new_handle(self)
 
+    @classmethod
+    def attach(cls, params, fn: ProgressCallback | None) -> "_Progress | None":
+        """Point ``params.progress_callback`` at ``fn``; the returned state must outlive the load."""
+        if fn is None:
+            return None
+        state = cls(fn)
+        params.progress_callback = lib._llamabind_progress
+        params.progress_callback_user_data = state.handle
+        return state
+
 
 @ffi.def_extern()
 def _llamabind_progress(progress: float, user_data) -> bool:
@@ -92,11 +102,7 @@ class Model(Handle):
         mode = _load_mode(use_mmap, use_mlock)
         if mode is not None:
             mparams.load_mode = mode
-        state = None
-        if progress is not None:
-            state = _Progress(progress)
-            mparams.progress_callback = lib._llamabind_progress
-            mparams.progress_callback_user_data = state.handle
+        state = _Progress.attach(mparams, progress)
         take_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
         if ptr == ffi.NULL:

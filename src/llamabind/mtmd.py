@@ -128,11 +128,7 @@ class MtmdContext(Handle):
                 raise InvalidInputError("media_marker must be a non-empty string without NUL")
             marker = ffi.new("char[]", media_marker.encode("utf-8"))
             mparams.media_marker = marker
-        state = None
-        if progress is not None:
-            state = _Progress(progress)
-            mparams.progress_callback = lib._llamabind_progress
-            mparams.progress_callback_user_data = state.handle
+        state = _Progress.attach(mparams, progress)
         take_errors()
         ptr = lib.mtmd_init_from_file(path.encode(), model.ptr, mparams)
         if ptr == ffi.NULL:
