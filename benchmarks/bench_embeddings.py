@@ -24,34 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from llamabind.bench import native_embed_once as run_native, sentences
 
 REPO = Path(__file__).resolve().parent.parent
-SEP = "<#sep#>"
-
-_WORDS = ("the a an of to in on for with from by at about over under after before quick brown lazy "
-          "small large red green blue old new happy sad fast slow bright dark cat dog fox bird river "
-          "mountain city house car train market company engineer teacher student child garden music "
-          "book paper idea system model network data question answer runs jumps reads writes builds "
-          "sees finds makes takes gives thinks walks sings plays learns opens closes today yesterday "
-          "tomorrow quietly loudly carefully quickly again never always").split()
-
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` deterministic sentences of 5-40 words."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        k = int(rng.integers(5, 41))
-        words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), k)]
-        out.append(" ".join(words).capitalize() + ".")
-    return out
 
 
 def default_model() -> str | None:
@@ -66,36 +45,6 @@ def default_native() -> str | None:
     cands = [Path(env) / "llama-embedding"] if env else list(REPO.glob("build/*/bin/llama-embedding"))
     cands = [c for c in cands if c.is_file()]
     return str(max(cands, key=lambda c: c.stat().st_mtime)) if cands else None
-
-
-def _stamp(line: str) -> float:
-    """Seconds of a common-log timestamp ``M.SS.mmm.uuu`` at the start of a log line."""
-    m, sec, ms, us = (int(x) for x in line.split()[0].split("."))
-    return m * 60 + sec + ms / 1e3 + us / 1e6
-
-
-def run_native(tool: str, model: str, texts: list[str], threads: int,
-               n_batch: int) -> tuple[float, float, float, int]:
-    """(compute seconds, wall seconds minus load, prompt-eval seconds, n_tokens) of one llama-embedding run.
-
-    Compute is read from the tool's timestamped log: from its first ``batch_decode`` line to
-    its ``llama_perf_context_print`` line, i.e. every batch plus formatting the output.
-    """
-    cmd = [tool, "-m", model, "-p", SEP.join(texts), "--embd-separator", SEP, "--no-escape", "-t", str(threads),
-           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0",
-           "--embd-output-format", "array", "-lv", "4", "--perf", "--log-timestamps"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-embedding failed: {r.stderr[-2000:]}")
-    lines = r.stderr.splitlines()
-    first = next(ln for ln in lines if "batch_decode:" in ln)
-    last = next(ln for ln in lines if "llama_perf_context_print" in ln)
-    pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stderr)
-    load = re.search(r"load time =\s*([\d.]+) ms", r.stderr)
-    return (_stamp(last) - _stamp(first), wall - (float(load.group(1)) / 1e3 if load else 0.0),
-            float(pe.group(1)) / 1e3 if pe else float("nan"), int(pe.group(2)) if pe else -1)
 
 
 def main(argv: list[str] | None = None) -> int:

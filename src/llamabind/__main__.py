@@ -166,7 +166,8 @@ def cmd_bench(args) -> int:
     parallel = [int(k) for k in args.parallel.split(",")] if args.parallel else []
     emit = (lambda r: print(r.as_json(), flush=True)) if args.json else (lambda r: None)
     rows = bench.run(args.model, p=args.n_prompt, n=args.n_gen, threads=args.threads, reps=args.repetitions,
-                     native=native, parallel=parallel, overhead_model=args.overhead_model, emit=emit)
+                     native=native, parallel=parallel, overhead_model=args.overhead_model,
+                     embed_model=args.embed, emit=emit)
     if not args.json:
         print(bench.format_table(rows))
     if args.report:
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native", help="llama-bench binary or its directory (default: $LLAMABIND_TOOLS_DIR)")
     p.add_argument("--parallel", default="", help="sequence counts, e.g. 1,2,4,8")
     p.add_argument("--overhead-model", help="tiny GGUF for the per-token overhead row")
+    p.add_argument("--embed", metavar="MODEL", help="embedding GGUF for the texts/s rows (256 sentences)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--report", metavar="DIR", help="also write DIR/report.md and DIR/chart.png")
     p.set_defaults(fn=cmd_bench, verbose=0)

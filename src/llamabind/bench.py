@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -125,13 +126,96 @@ def parallel_tps(ctx: Context, model: Model, k: int, n: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
+SEP = "<#sep#>"
+
+_WORDS = ("the a an of to in on for with from by at about over under after before quick brown lazy "
+          "small large red green blue old new happy sad fast slow bright dark cat dog fox bird river "
+          "mountain city house car train market company engineer teacher student child garden music "
+          "book paper idea system model network data question answer runs jumps reads writes builds "
+          "sees finds makes takes gives thinks walks sings plays learns opens closes today yesterday "
+          "tomorrow quietly loudly carefully quickly again never always").split()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` deterministic sentences of 5-40 words."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(5, 41))
+        words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), k)]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+
+def _stamp(line: str) -> float:
+    """Seconds of a common-log timestamp ``M.SS.mmm.uuu`` at the start of a log line."""
+    m, sec, ms, us = (int(x) for x in line.split()[0].split("."))
+    return m * 60 + sec + ms / 1e3 + us / 1e6
+
+
+def native_embed_once(tool: str, model: str, texts: list[str], threads: int,
+               n_batch: int) -> tuple[float, float, float, int]:
+    """(compute seconds, wall seconds minus load, prompt-eval seconds, n_tokens) of one llama-embedding run.
+
+    Compute is read from the tool's timestamped log: from its first ``batch_decode`` line to
+    its ``llama_perf_context_print`` line, i.e. every batch plus formatting the output.
+    """
+    cmd = [tool, "-m", model, "-p", SEP.join(texts), "--embd-separator", SEP, "--no-escape", "-t", str(threads),
+           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0",
+           "--embd-output-format", "array", "-lv", "4", "--perf", "--log-timestamps"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-embedding failed: {r.stderr[-2000:]}")
+    lines = r.stderr.splitlines()
+    first = next(ln for ln in lines if "batch_decode:" in ln)
+    last = next(ln for ln in lines if "llama_perf_context_print" in ln)
+    pe = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", r.stderr)
+    load = re.search(r"load time =\s*([\d.]+) ms", r.stderr)
+    return (_stamp(last) - _stamp(first), wall - (float(load.group(1)) / 1e3 if load else 0.0),
+            float(pe.group(1)) / 1e3 if pe else float("nan"), int(pe.group(2)) if pe else -1)
+
+
+def embed_rows(model_path: str, threads: int, reps: int, native: Path | None, n_texts: int = 256,
+               n_batch: int = 512) -> list[Row]:
+    """Texts/s for ``n_texts`` sentences: batched, one by one, and native llama-embedding (its batches)."""
+    from .embeddings import Embedder
+
+    texts = sentences(n_texts)
+    name = Path(model_path).name
+    tool = native.parent / "llama-embedding" if native is not None else None
+    with Model(model_path) as model, Embedder(model, n_ctx=n_batch, n_batch=n_batch, n_threads=threads) as emb:
+        emb.embed(texts)  # warm up
+        batched, single, nat = [], [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            emb.embed(texts)
+            batched.append(n_texts / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for t in texts:
+                emb.embed([t])
+            single.append(n_texts / (time.perf_counter() - t0))
+            if tool is not None and tool.is_file():
+                nat.append(n_texts / native_embed_once(str(tool), model_path, texts, threads, n_batch)[0])
+    test = f"embed{n_texts}"
+    rows = [_row(test, "llamabind", batched, threads, name, unit="texts/s"),
+            _row(test + "-1by1", "llamabind", single, threads, name, unit="texts/s")]
+    if nat:
+        ratios = [a / b for a, b in zip(batched, nat)]
+        rows[0].extra.update(ratio=statistics.median(ratios))
+        rows.append(_row(test, "native", nat, threads, name, unit="texts/s"))
+    return rows
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = None, reps: int = 5,
         native: str | None = None, parallel: Iterable[int] = (), overhead_model: str | None = None,
-        emit: Callable[[Row], None] = lambda r: None) -> list[Row]:
+        embed_model: str | None = None, emit: Callable[[Row], None] = lambda r: None) -> list[Row]:
     """Measure every requested row; ``emit`` is called as each row completes."""
     threads = threads or os.cpu_count() or 1
     name = Path(model_path).name
@@ -183,6 +267,9 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
                      overhead_us=statistics.median(diff), overhead_us_min=min(diff), overhead_us_max=max(diff)))
             add(_row("overhead", "native", [1 / x for x in nat], 1, Path(overhead_model).name,
                      us_per_token=statistics.median([1e6 * x for x in nat])))
+    if embed_model:
+        for row in embed_rows(embed_model, threads, reps, bench):
+            add(row)
     add(Row("load", "llamabind", 0.0, 0.0, 0.0, threads, name, [],
             {"load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}))
     return rows
