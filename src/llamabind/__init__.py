@@ -25,6 +25,7 @@ from .vocab import Detokenizer, Vocab
 from .batch import Batch
 from .context import Context, Memory, PerfData
 from .sampler import PySampler, Sampler, TokenDataArray
+from .embeddings import Embedder, Reranker, RerankResult
 from .generate import (
     Cancel,
     DoneEvent,
@@ -40,7 +41,7 @@ from .generate import (
 __all__ = [
     "ffi", "lib", "__version__", "system_info",
     "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "PerfData",
-    "Sampler", "PySampler", "TokenDataArray",
+    "Sampler", "PySampler", "TokenDataArray", "Embedder", "Reranker", "RerankResult",
     "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",
     "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
