@@ -271,18 +271,23 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
                         yield ev
             todo = [s for s in todo if s.n_pos < s.prompt.size and s.reason is None]
         # Generation: one batch per step holding the next token of every active sequence.
-        tok_arr, pos_arr, seq_arr, logit_arr = batch._struct.token, batch._struct.pos, batch.seq_id, batch.logits
-        cptr = ctx.ptr
+        tok_arr, pos_arr = batch._struct.token, batch._struct.pos
         active = [s for s in seqs if s.reason is None]
+        layout = None  # the sequences the batch rows were set up for
         while active:
+            if layout != active:  # rows change only when a sequence ends
+                layout = active
+                for r, s in enumerate(active):
+                    s.row = r
+                batch.seq_id[: len(active), 0] = [s.seq_id for s in active]
+                batch.n_seq_id[: len(active)] = 1
+                batch.logits[: len(active)] = 1
+                batch.n_tokens = len(active)
             for r, s in enumerate(active):
                 tok_arr[r] = s.pending_token
                 pos_arr[r] = s.n_pos
-                seq_arr[r, 0] = s.seq_id
-                logit_arr[r] = 1
-                s.row = r
-            batch.n_tokens = len(active)
             with ctx._lock:
+                cptr = ctx.ptr  # raises ClosedError if the context was closed meanwhile
                 rc = lib.llama_decode(cptr, batch.struct())
             ctx._out_rows, ctx._n_outputs = None, (len(active) if rc == 0 else 0)
             if rc == 2:
@@ -298,7 +303,8 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
                 ev = _sample(ctx, s, cancel, t0)
                 if ev is not None:
                     yield ev
-            active = [s for s in active if s.reason is None]
+            if any(s.reason is not None for s in active):
+                active = [s for s in active if s.reason is None]
         perf = ctx.perf()
         for s in seqs:
             tail = "" if s.hit else s.stop.flush() + s.detok.flush()

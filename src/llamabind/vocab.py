@@ -167,14 +167,15 @@ class Detokenizer:
 
     def feed(self, token: int) -> str:
         """Text completed by ``token`` ("" while a character is still incomplete)."""
-        if not 0 <= token < self._vocab.n_tokens:
-            raise InvalidInputError(f"token id {token} out of range [0, {self._vocab.n_tokens})")
-        n = lib.llama_token_to_piece(self._vocab.ptr, token, self._buf, self._size, 0, self._special)
+        vocab = self._vocab
+        if not 0 <= token < vocab.n_tokens:
+            raise InvalidInputError(f"token id {token} out of range [0, {vocab.n_tokens})")
+        n = lib.llama_token_to_piece(vocab.ptr, token, self._buf, self._size, 0, self._special)
         if n < 0:
             self._size = -n
             self._buf = ffi.new("char[]", self._size)
-            n = lib.llama_token_to_piece(self._vocab.ptr, token, self._buf, self._size, 0, self._special)
-        return self._decoder.decode(ffi.buffer(self._buf, n)[:])
+            n = lib.llama_token_to_piece(vocab.ptr, token, self._buf, self._size, 0, self._special)
+        return self._decoder.decode(ffi.unpack(self._buf, n))
 
     def flush(self) -> str:
         """Whatever is left; an incomplete trailing character becomes U+FFFD."""
