@@ -18,7 +18,7 @@ from .batch import Batch
 from .binding import ffi, lib, take_errors
 from .context import Context
 from .errors import AbortedError, ContextOverflowError, InvalidInputError, check_decode
-from .sampler import Sampler
+from .sampler import Sampler, sample_fast
 from .vocab import as_tokens
 
 Prompt = Union[str, Sequence[int], np.ndarray]
@@ -203,7 +203,7 @@ def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEve
     if cancel is not None and cancel._flag[0]:
         s.reason = "cancelled"
         return None
-    tok = lib.llama_sampler_sample(s.sampler._ptr, ctx._ptr, s.row)
+    tok = sample_fast(s.sampler, ctx._ptr, s.row, ctx.n_vocab)
     if not s.t_first:
         s.t_first = time.perf_counter() - t0
     if lib.llama_vocab_is_eog(ctx.vocab._vptr, tok) and not s.ignore_eog:
@@ -297,13 +297,15 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
                 break
             if rc:
                 check_decode(rc, detail=take_errors())
+            ended = False
             for s in active:
                 ctx._history[s.seq_id].append(s.pending_token)
                 s.n_pos += 1
                 ev = _sample(ctx, s, cancel, t0)
                 if ev is not None:
                     yield ev
-            if any(s.reason is not None for s in active):
+                ended = ended or s.reason is not None
+            if ended:
                 active = [s for s in active if s.reason is None]
         perf = ctx.perf()
         for s in seqs:
