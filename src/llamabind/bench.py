@@ -328,7 +328,7 @@ def write_report(rows: list[Row], directory: str | Path, command: str) -> list[P
         vals = [next((r.tps for r in rows if r.test == t and r.impl == impl), 0.0) for t in tests]
         ax.bar([i + k * width for i in range(len(tests))], vals, width, label=impl)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(tests))], tests)
-    ax.set_ylabel("tokens/s (median)")
+    ax.set_ylabel("tokens/s, texts/s for embed rows (median)")
     ax.set_title(f"{rows[0].model if rows else ''}: llamabind vs native")
     ax.legend()
     fig.tight_layout()
