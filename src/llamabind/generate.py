@@ -206,11 +206,12 @@ def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEve
     tok = sample_fast(s.sampler, ctx._ptr, s.row, ctx.n_vocab)
     if not s.t_first:
         s.t_first = time.perf_counter() - t0
-    if lib.llama_vocab_is_eog(ctx.vocab._vptr, tok) and not s.ignore_eog:
+    piece, eog = s.detok.entry(tok)
+    if eog and not s.ignore_eog:
         s.reason = "stop"
         return None
     s.out.append(tok)
-    text, hit = s.stop.push(s.detok.feed(tok))
+    text, hit = s.stop.push(s.detok._decode(piece))
     if text:
         s.text.append(text)
     if hit:

@@ -43,6 +43,7 @@ class Vocab:
         self._vptr = lib.llama_model_get_vocab(model.ptr)
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
         self._piece = ffi.new("char[]", 256)
+        self._pieces: dict[bool, dict[int, tuple[bytes, bool]]] = {False: {}, True: {}}
         # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
         wpm = lib.llama_vocab_type(self._vptr) == lib.LLAMA_VOCAB_TYPE_WPM
         no_bos = lib.llama_vocab_bos(self._vptr) == TOKEN_NULL
@@ -148,6 +149,12 @@ class Vocab:
     add_bos = property(lambda self: bool(lib.llama_vocab_get_add_bos(self.ptr)))
     add_eos = property(lambda self: bool(lib.llama_vocab_get_add_eos(self.ptr)))
 
+    def _piece_entry(self, token: int, special: bool) -> tuple[bytes, bool]:
+        """Compute and cache (piece bytes, is end-of-generation) for a token: pieces never change."""
+        entry = (self.token_to_piece(token, special), self.is_eog(token))
+        self._pieces[special][token] = entry
+        return entry
+
     def detokenizer(self, special: bool = False) -> "Detokenizer":
         """An incremental decoder that never splits a multi-byte character."""
         return Detokenizer(self, special)
@@ -156,26 +163,23 @@ class Vocab:
 class Detokenizer:
     """Turns tokens into text one at a time; incomplete UTF-8 sequences wait for the next token."""
 
-    __slots__ = ("_vocab", "_special", "_decoder", "_buf", "_size")
+    __slots__ = ("_vocab", "_special", "_pieces", "_decode", "_decoder")
 
     def __init__(self, vocab: Vocab, special: bool = False) -> None:
         self._vocab = vocab
         self._special = special
+        self._pieces = vocab._pieces[special]
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._size = 256
-        self._buf = ffi.new("char[]", self._size)
+        self._decode = self._decoder.decode
+
+    def entry(self, token: int) -> tuple[bytes, bool]:
+        """(the token's bytes, whether it ends generation), from the vocab's cache."""
+        e = self._pieces.get(token)
+        return e if e is not None else self._vocab._piece_entry(token, self._special)
 
     def feed(self, token: int) -> str:
         """Text completed by ``token`` ("" while a character is still incomplete)."""
-        vocab = self._vocab
-        if not 0 <= token < vocab.n_tokens:
-            raise InvalidInputError(f"token id {token} out of range [0, {vocab.n_tokens})")
-        n = lib.llama_token_to_piece(vocab.ptr, token, self._buf, self._size, 0, self._special)
-        if n < 0:
-            self._size = -n
-            self._buf = ffi.new("char[]", self._size)
-            n = lib.llama_token_to_piece(vocab.ptr, token, self._buf, self._size, 0, self._special)
-        return self._decoder.decode(ffi.unpack(self._buf, n))
+        return self._decode(self.entry(token)[0])
 
     def flush(self) -> str:
         """Whatever is left; an incomplete trailing character becomes U+FFFD."""
