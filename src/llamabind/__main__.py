@@ -83,7 +83,7 @@ def print_events(events, as_json: bool, prompt_note: str = "") -> None:
         elif as_json:
             print(json.dumps(_done_json(ev)), flush=True)
         else:
-            sys.stdout.write("\n")
+            print(flush=True)
             t = ev.timings
             print(f"[{ev.finish_reason}: {ev.usage.prompt_tokens} prompt{prompt_note}, "
                   f"{ev.usage.completion_tokens} generated; prompt {t.prompt_tps:.1f} tok/s, "
