@@ -192,28 +192,21 @@ class Context(Handle):
         self._check_batch(batch)
         self._decode(batch)
 
-    def _decode(self, batch: Batch) -> None:
-        """decode without the input checks, for callers that built the batch themselves."""
+    def _decode(self, batch: Batch, fn=lib.llama_decode, what: str = "llama_decode") -> None:
+        """decode (or encode) without the input checks, for callers that built the batch themselves."""
         s = batch.struct()
         with self._lock:
             ptr = self.ptr
             self._abort_flag[0] = 0
-            rc = lib.llama_decode(ptr, s)
+            rc = fn(ptr, s)
         self._set_outputs(batch, rc)
         if rc:
-            check_decode(rc, detail=take_errors())
+            check_decode(rc, what, take_errors())
 
     def encode(self, batch: Batch) -> None:
         """Run the encoder on ``batch`` (encoder models: BERT, T5 ...)."""
         self._check_batch(batch)
-        s = batch.struct()
-        with self._lock:
-            ptr = self.ptr
-            self._abort_flag[0] = 0
-            rc = lib.llama_encode(ptr, s)
-        self._set_outputs(batch, rc)
-        if rc:
-            check_decode(rc, "llama_encode", take_errors())
+        self._decode(batch, lib.llama_encode, "llama_encode")
 
     def synchronize(self) -> None:
         lib.llama_synchronize(self.ptr)
