@@ -51,3 +51,10 @@ def test_chat_reuses_the_cache(gemma_path):
     assert out.stdout.count("> ") >= 2
     cached = [l for l in out.stderr.splitlines() if "prompt tokens from cache" in l]
     assert len(cached) == 2 and cached[0].startswith("[0/") and not cached[1].startswith("[0/")
+
+
+def test_main_job_uses_the_default_model(gemma_path):
+    """The README's main job: no -m, the gemma3-270m model from the llamabind[model] packages."""
+    out = cli("generate", "-p", "The capital of France is", "-n", "6", "--temp", "0", "-t", "2")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip()) > 3 and "6 generated" in out.stderr
