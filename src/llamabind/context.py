@@ -273,13 +273,24 @@ class Context(Handle):
             n = lib.llama_state_get_data(self.ptr, ffi.from_buffer("uint8_t[]", buf), size)
         return bytes(buf[:n])
 
-    def state_load(self, data: bytes) -> None:
-        """Restore a state saved by ``state_save`` (same model and context parameters)."""
+    def state_load(self, data: bytes, tokens: Any = None) -> None:
+        """Restore a state saved by ``state_save`` (same model and context parameters).
+
+        ``tokens``: what sequence 0 held when saved (``cached_tokens(0)``), so that ``generate``
+        reuses it as a cached prefix; without it the next generation decodes from scratch.
+        """
         with self._lock:
             n = lib.llama_state_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data))
         self._history.clear()
         if n == 0:
             raise InvalidInputError(f"state data rejected: {take_errors() or 'wrong size or model'}")
+        if tokens is not None:
+            self._history[0] = [int(t) for t in tokens]
+
+    def cached_tokens(self, seq_id: int = 0) -> list[int]:
+        """The tokens ``generate`` knows to be in the KV cache of a sequence (its reusable prefix)."""
+        self.memory._check_seq(seq_id)
+        return list(self._history.get(seq_id, []))
 
     def seq_state_save(self, seq_id: int) -> bytes:
         """One sequence's KV state as bytes."""
