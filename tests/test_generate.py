@@ -74,7 +74,9 @@ def test_stop_strings_are_never_leaked(gemma_ctx):
 
 
 def test_stop_matcher_holds_back_prefixes():
-    m = lb.generate.__globals__["StopMatcher"](["</s>", "STOP"])
+    from llamabind.generate import StopMatcher
+
+    m = StopMatcher(["</s>", "STOP"])
     assert m.push("hello <") == ("hello ", False)
     assert m.push("/") == ("", False)
     assert m.push("x") == ("</x", False)
