@@ -226,3 +226,24 @@ def test_two_contexts_in_two_threads(gemma_model):
     with lb.Context(gemma_model, n_ctx=256, n_threads=1) as ctx:
         assert results[0] == lb.complete(ctx, PROMPTS[0], max_tokens=8).tokens
         assert results[1] == lb.complete(ctx, PROMPTS[1], max_tokens=8).tokens
+
+
+def test_generate_after_a_prefill_of_ones_own(gemma_ctx):
+    """generate_after(prefill=...) runs the caller's decode inside the generation, then continues."""
+    prompt = "The capital of France is"
+    ref = lb.complete(gemma_ctx, prompt, max_tokens=8, reuse_cache=False).tokens
+    toks = gemma_ctx.vocab.tokenize(prompt)
+
+    def prefill():
+        with pytest.raises(lb.BusyError):  # the context is held by this generation meanwhile
+            next(lb.generate(gemma_ctx, "x"))
+        gemma_ctx.memory.clear()
+        b = lb.Batch(len(toks))
+        b.add(toks, 0)
+        gemma_ctx.decode(b)
+        return len(toks)
+
+    done = list(lb.generate_after(gemma_ctx, prefill=prefill, max_tokens=8))[-1]
+    assert done.tokens == ref and done.usage.prompt_tokens == len(toks) and done.finish_reason == "length"
+    with pytest.raises(lb.InvalidInputError):
+        lb.generate_after(gemma_ctx)

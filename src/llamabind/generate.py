@@ -153,7 +153,7 @@ class _Seq:
 
     __slots__ = ("index", "seq_id", "sampler", "detok", "stop", "max_tokens", "prompt", "n_cached",
                  "n_pos", "out", "text", "reason", "hit", "pending_token", "row", "t_first", "n_prompt",
-                 "ignore_eog")
+                 "ignore_eog", "prefill")
 
     def __init__(self, ctx: Context, index: int, seq_id: int, prompt: np.ndarray, sampler: Sampler,
                  stop: Iterable[str], max_tokens: int) -> None:
@@ -172,6 +172,7 @@ class _Seq:
         self.t_first = 0.0
         self.n_prompt = int(prompt.size)
         self.ignore_eog = False
+        self.prefill: Callable[[], int] | None = None  # decodes the input itself, returns n_past
 
 
 def _prefix_len(history: list[int] | None, tokens: np.ndarray) -> int:
@@ -232,9 +233,19 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
             lib.llama_set_abort_callback(ctx.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
         ctx.perf_reset()
         batch = Batch(ctx.n_batch, 1)
-        # Sequences whose input was already decoded (media chunks) sample from the last output.
+        # Sequences whose input is decoded by other means (media chunks) sample from the last
+        # output, after their prefill callable ran here, inside this generation's hold on ctx.
         for s in seqs:
             if s.prompt.size == 0:
+                if s.prefill is not None:
+                    try:
+                        s.n_pos = s.prefill()
+                    except AbortedError:
+                        s.reason = "cancelled"
+                        continue
+                    ctx._history[s.seq_id] = [-1] * s.n_pos  # never a text prefix to reuse
+                    if s.n_prompt < 0:
+                        s.n_prompt = s.n_pos
                 ev = _sample(ctx, s, cancel, t0)
                 if ev is not None:
                     yield ev
@@ -316,7 +327,7 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
                 yield TokenEvent(None, tail, s.index)
             yield DoneEvent(
                 finish_reason=s.reason or "cancelled",
-                usage=Usage(s.n_prompt, s.n_cached, len(s.out)),
+                usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out)),
                 timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
                 text="".join(s.text), tokens=s.out, index=s.index)
     finally:
@@ -390,27 +401,34 @@ def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | 
     return _run(ctx, seqs, reuse_cache=False, cancel=cancel)
 
 
-def generate_after(ctx: Context, n_past: int, *, n_prompt: int | None = None, seq_id: int = 0,
-                   max_tokens: int = 256, sampler: Sampler | None = None, stop: Iterable[str] = (),
+def generate_after(ctx: Context, n_past: int | None = None, *, prefill: Callable[[], int] | None = None,
+                   n_prompt: int | None = None, seq_id: int = 0, max_tokens: int = 256,
+                   sampler: Sampler | None = None, stop: Iterable[str] = (),
                    cancel: Cancel | None = None) -> Iterator[TokenEvent | DoneEvent]:
     """Continue a sequence whose input was decoded by other means (e.g. libmtmd chunks).
 
-    ``n_past`` is the number of positions already in the sequence; its last decode must have
-    produced logits for the last position. ``n_prompt`` (default ``n_past``) is reported as
+    Either ``n_past``: the positions already in the sequence, whose last decode produced
+    logits for the last one; or ``prefill``: a callable that decodes the input and returns
+    ``n_past``, run inside the generation (the context is held, ``cancel`` applies, and
+    ``timings.ttft_s`` counts it). ``n_prompt`` (default ``n_past``) is reported as
     ``usage.prompt_tokens``. The sequence is not reused as a text prefix afterwards.
     """
     ctx.memory._check_seq(seq_id)
-    if not 0 < n_past < ctx.n_ctx_seq:
+    if (n_past is None) == (prefill is None):
+        raise InvalidInputError("give n_past or prefill")
+    if n_past is not None and not 0 < n_past < ctx.n_ctx_seq:
         raise ContextOverflowError(f"n_past={n_past} must be in (0, {ctx.n_ctx_seq})")
     if max_tokens < 1:
         raise InvalidInputError("max_tokens must be >= 1")
-    ctx._history[seq_id] = [-1] * n_past  # media positions: never a text prefix to reuse
-    if ctx._n_outputs < 1:
-        ctx.mark_outputs(1)
     seq = _Seq(ctx, 0, seq_id, np.empty(0, np.int32), sampler or Sampler.greedy(), stop, max_tokens)
-    seq.n_pos = n_past
     seq.row = -1
-    seq.n_prompt = n_past if n_prompt is None else n_prompt
+    if prefill is None:
+        ctx._history[seq_id] = [-1] * n_past  # media positions: never a text prefix to reuse
+        if ctx._n_outputs < 1:
+            ctx.mark_outputs(1)
+        seq.n_pos = n_past
+    seq.prefill = prefill
+    seq.n_prompt = n_prompt if n_prompt is not None else (n_past if n_past is not None else -1)
     return _run(ctx, [seq], reuse_cache=False, cancel=cancel)
 
 

@@ -43,7 +43,7 @@ from .errors import (
     ModelNotFoundError,
     MtmdError,
 )
-from .generate import Cancel, DoneEvent, TokenEvent, Timings, Usage, generate_after
+from .generate import Cancel, DoneEvent, TokenEvent, Timings, generate_after
 from .gguf_check import check_gguf
 from .model import Model, _Progress
 from .sampler import Sampler
@@ -526,36 +526,42 @@ def eval_chunks(ctx: Context, chunks: Chunks, n_past: int = 0, seq_id: int = 0, 
     """
     n_batch = ctx.n_batch if n_batch is None else int(n_batch)
     _check_eval(ctx, chunks, n_past, seq_id, n_batch)
-    mctx = chunks.mctx
-    new_n_past = ffi.new("llama_pos *", n_past)
     ctx._acquire()  # a generation running on this context is refused (BusyError)
     try:
-        ctx.memory.seq_rm(seq_id, n_past, -1)
-        take_errors()
-        with ctx._lock, mctx._lock:
-            cptr = ctx.ptr
-            ctx._abort_flag[0] = 0
-            if cancel is not None:
-                lib.llama_set_abort_callback(cptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
-            try:
-                rc = lib.mtmd_helper_eval_chunks(mctx.ptr, cptr, chunks.ptr, n_past, seq_id, n_batch,
-                                                 bool(logits_last), new_n_past)
-            finally:
-                if cancel is not None:
-                    ctx._restore_abort()
-        if rc != 0:
-            reason = take_errors()
-            ctx.memory.seq_rm(seq_id, n_past, -1)  # drop whatever the failed evaluation wrote
-            if "failed to encode" in reason:
-                raise MtmdError(f"libmtmd could not encode the media: {reason}")
-            if rc == 2:
-                raise AbortedError("mtmd_helper_eval_chunks: aborted", rc)
-            if rc == 1:
-                raise KVCacheFullError(f"mtmd_helper_eval_chunks: no KV-cache slot for the batch: {reason}", rc)
-            raise DecodeError(f"mtmd_helper_eval_chunks failed with code {rc}: {reason or 'see the llamabind log'}", rc)
-        ctx.mark_outputs(1 if logits_last else 0)
+        return _eval(ctx, chunks, n_past, seq_id, n_batch, logits_last, cancel)
     finally:
         ctx._release()
+
+
+def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, logits_last: bool,
+          cancel: Cancel | None) -> int:
+    """eval_chunks' work, for a caller that holds the context (checked, acquired)."""
+    mctx = chunks.mctx
+    new_n_past = ffi.new("llama_pos *", n_past)
+    ctx.memory.seq_rm(seq_id, n_past, -1)
+    take_errors()
+    with ctx._lock, mctx._lock:
+        cptr = ctx.ptr
+        ctx._abort_flag[0] = 0
+        if cancel is not None:
+            lib.llama_set_abort_callback(cptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
+        try:
+            rc = lib.mtmd_helper_eval_chunks(mctx.ptr, cptr, chunks.ptr, n_past, seq_id, n_batch,
+                                             bool(logits_last), new_n_past)
+        finally:
+            if cancel is not None:
+                ctx._restore_abort()
+    if rc != 0:
+        reason = take_errors()
+        ctx.memory.seq_rm(seq_id, n_past, -1)  # drop whatever the failed evaluation wrote
+        if "failed to encode" in reason:
+            raise MtmdError(f"libmtmd could not encode the media: {reason}")
+        if rc == 2:
+            raise AbortedError("mtmd_helper_eval_chunks: aborted", rc)
+        if rc == 1:
+            raise KVCacheFullError(f"mtmd_helper_eval_chunks: no KV-cache slot for the batch: {reason}", rc)
+        raise DecodeError(f"mtmd_helper_eval_chunks failed with code {rc}: {reason or 'see the llamabind log'}", rc)
+    ctx.mark_outputs(1 if logits_last else 0)
     return int(new_n_past[0])
 
 
@@ -705,23 +711,31 @@ def generate(ctx: Context, mctx: MtmdContext, prompt: str | None = None, bitmaps
 def _generate(ctx: Context, chunks: Chunks, *, seq_id: int, n_batch: int, max_tokens: int,
               sampler: Sampler | None, stop: Iterable[str], cancel: Cancel | None) -> Iterator:
     n_prompt = chunks.n_tokens
-    t0 = time.perf_counter()
+    t_eval = 0.0
+
+    def prefill() -> int:
+        """Evaluate the chunks inside the generation's hold on the context."""
+        nonlocal t_eval
+        t0 = time.perf_counter()
+        try:
+            if cancel is not None and cancel.is_set():
+                raise AbortedError("cancelled before the prompt was evaluated", 2)
+            return _eval(ctx, chunks, 0, seq_id, n_batch, True, None)  # the loop installed ``cancel``
+        finally:
+            t_eval = time.perf_counter() - t0
+            chunks.close()
+
     try:
-        if cancel is not None and cancel.is_set():
-            raise AbortedError("cancelled before the prompt was evaluated", 2)
-        n_past = eval_chunks(ctx, chunks, 0, seq_id, n_batch, True, cancel=cancel)
-    except AbortedError:
-        yield DoneEvent("cancelled", Usage(n_prompt, 0, 0), Timings(0.0, 0.0, 0.0, time.perf_counter() - t0, 0.0))
-        return
-    finally:
+        events = generate_after(ctx, prefill=prefill, n_prompt=n_prompt, seq_id=seq_id, max_tokens=max_tokens,
+                                sampler=sampler, stop=stop, cancel=cancel)
+    except BaseException:
         chunks.close()
-    t_eval = time.perf_counter() - t0
-    for ev in generate_after(ctx, n_past, n_prompt=n_prompt, seq_id=seq_id, max_tokens=max_tokens,
-                             sampler=sampler, stop=stop, cancel=cancel):
+        raise
+    for ev in events:
         if isinstance(ev, DoneEvent):
             t = ev.timings
-            # generate_after's counters start after the media evaluation: account for it here
-            ev.timings = Timings(ttft_s=t_eval + t.ttft_s, prompt_tps=n_prompt / t_eval if t_eval > 0 else 0.0,
+            # llama.cpp's prompt counters do not see the media encoder: rate the whole evaluation
+            ev.timings = Timings(ttft_s=t.ttft_s, prompt_tps=n_prompt / t_eval if t_eval > 0 else 0.0,
                                  generation_tps=t.generation_tps, prompt_ms=1e3 * t_eval,
                                  generation_ms=t.generation_ms)
         yield ev
