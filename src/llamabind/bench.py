@@ -209,6 +209,39 @@ def embed_rows(model_path: str, threads: int, reps: int, native: Path | None, n_
     return rows
 
 
+def llama_cpp_python_rows(model_path: str, n: int, threads: int, reps: int,
+                          embed_model: str | None) -> list[Row]:
+    """The same tg / embed rows through llama-cpp-python, when it is installed (else none)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return []
+    rows = []
+    llm = llama_cpp.Llama(model_path, n_ctx=n + 64, n_threads=threads, n_threads_batch=threads, verbose=False)
+    samples = []
+    for _ in range(reps):
+        llm.reset()
+        t0 = time.perf_counter()
+        out = llm.create_completion("", max_tokens=n, temperature=0.0)
+        samples.append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+    rows.append(_row(f"tg{n}", "llama-cpp-python", samples, threads, Path(model_path).name,
+                     api="create_completion"))
+    del llm
+    if embed_model:
+        emb = llama_cpp.Llama(embed_model, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        texts = sentences(256)
+        emb.embed(texts[:8])
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            emb.embed(texts)
+            samples.append(len(texts) / (time.perf_counter() - t0))
+        rows.append(_row("embed256", "llama-cpp-python", samples, threads, Path(embed_model).name,
+                         unit="texts/s"))
+    return rows
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -270,6 +303,8 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
     if embed_model:
         for row in embed_rows(embed_model, threads, reps, bench):
             add(row)
+    for row in llama_cpp_python_rows(model_path, n, threads, reps, embed_model):
+        add(row)
     add(Row("load", "llamabind", 0.0, 0.0, 0.0, threads, name, [],
             {"load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}))
     return rows
