@@ -1,0 +1,24 @@
+"""The benchmark harness runs end to end on the tiny model (figures themselves live in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_cli_rows_and_report(tiny_model_path, tools_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llamabind", "bench", "-m", tiny_model_path, "-p", "16", "-n", "8",
+                          "-r", "1", "-t", "1", "--native", str(tools_dir), "--parallel", "1,2",
+                          "--overhead-model", tiny_model_path, "--json", "--report", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    got = {(r["test"], r["impl"]) for r in rows}
+    assert {("pp16", "llamabind"), ("pp16", "native"), ("tg8", "llamabind"), ("tg8", "native"),
+            ("tg8x1", "llamabind"), ("tg8x2", "llamabind"), ("overhead", "llamabind"),
+            ("overhead", "native"), ("load", "llamabind")} <= got
+    for r in rows:
+        assert {"test", "impl", "tps", "tps_min", "tps_max", "n_threads", "model"} <= set(r)
+        assert r["test"] == "load" or r["tps_min"] <= r["tps"] <= r["tps_max"] and r["tps"] > 0
+    assert "| tiny" in (tmp_path / "report.md").read_text()
