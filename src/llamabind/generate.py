@@ -172,7 +172,7 @@ class _Seq:
         self.t_first = 0.0
         self.n_prompt = int(prompt.size)
         self.ignore_eog = False
-        self.prefill: Callable[[], int] | None = None  # decodes the input itself, returns n_past
+        self.prefill: Callable[[], int] | None = None  # for an empty prompt: decodes the input, returns n_past
 
 
 def _prefix_len(history: list[int] | None, tokens: np.ndarray) -> int:
@@ -237,15 +237,16 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
         # output, after their prefill callable ran here, inside this generation's hold on ctx.
         for s in seqs:
             if s.prompt.size == 0:
-                if s.prefill is not None:
-                    try:
-                        s.n_pos = s.prefill()
-                    except AbortedError:
-                        s.reason = "cancelled"
-                        continue
-                    ctx._history[s.seq_id] = [-1] * s.n_pos  # never a text prefix to reuse
-                    if s.n_prompt < 0:
-                        s.n_prompt = s.n_pos
+                try:
+                    s.n_pos = s.prefill()
+                except AbortedError:
+                    s.reason = "cancelled"
+                    continue
+                ctx._history[s.seq_id] = [-1] * s.n_pos  # never a text prefix to reuse
+                if s.n_prompt < 0:
+                    s.n_prompt = s.n_pos
+                if ctx._n_outputs < 1:
+                    ctx.mark_outputs(1)
                 ev = _sample(ctx, s, cancel, t0)
                 if ev is not None:
                     yield ev
@@ -422,13 +423,8 @@ def generate_after(ctx: Context, n_past: int | None = None, *, prefill: Callable
         raise InvalidInputError("max_tokens must be >= 1")
     seq = _Seq(ctx, 0, seq_id, np.empty(0, np.int32), sampler or Sampler.greedy(), stop, max_tokens)
     seq.row = -1
-    if prefill is None:
-        ctx._history[seq_id] = [-1] * n_past  # media positions: never a text prefix to reuse
-        if ctx._n_outputs < 1:
-            ctx.mark_outputs(1)
-        seq.n_pos = n_past
-    seq.prefill = prefill
-    seq.n_prompt = n_prompt if n_prompt is not None else (n_past if n_past is not None else -1)
+    seq.prefill = prefill if prefill is not None else (lambda: n_past)
+    seq.n_prompt = -1 if n_prompt is None else n_prompt  # -1: report n_past
     return _run(ctx, [seq], reuse_cache=False, cancel=cancel)
 
 

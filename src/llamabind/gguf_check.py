@@ -143,29 +143,23 @@ class _Parser:
             raise _Bad(f"truncated: {self.where}: {what} needs {n} bytes at offset {self.pos}"
                        f" but the file has {self.size} bytes")
 
-    def u32(self, what: str) -> int:
-        self._need(4, what)
-        v = _U32(self.buf, self.pos)[0]
-        self.pos += 4
+    def _num(self, unpack, size: int, what: str) -> int:
+        self._need(size, what)
+        v = unpack(self.buf, self.pos)[0]
+        self.pos += size
         return v
+
+    def u32(self, what: str) -> int:
+        return self._num(_U32, 4, what)
 
     def i32(self, what: str) -> int:
-        self._need(4, what)
-        v = _I32(self.buf, self.pos)[0]
-        self.pos += 4
-        return v
+        return self._num(_I32, 4, what)
 
     def u64(self, what: str) -> int:
-        self._need(8, what)
-        v = _U64(self.buf, self.pos)[0]
-        self.pos += 8
-        return v
+        return self._num(_U64, 8, what)
 
     def i64(self, what: str) -> int:
-        self._need(8, what)
-        v = _I64(self.buf, self.pos)[0]
-        self.pos += 8
-        return v
+        return self._num(_I64, 8, what)
 
     def string(self, what: str) -> bytes:
         n = self.u64(f"{what} length")
