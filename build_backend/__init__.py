@@ -42,8 +42,8 @@ def _setting(config_settings: dict | None, key: str, env: str) -> str | None:
     return value if value is not None else os.environ.get(env)
 
 
-def _prepare(config_settings: dict | None, *, compile: bool) -> tuple[dict, _acc.Accelerator]:
-    """Validate our settings, fetch the source, and translate to scikit-build-core settings."""
+def _prepare(config_settings: dict | None, *, compile: bool, source: bool = True) -> tuple[dict, _acc.Accelerator]:
+    """Validate our settings, fetch the source (when ``source``), and translate to scikit-build-core settings."""
     settings = {k: v for k, v in (config_settings or {}).items() if k not in ("accelerator", "portable")}
     try:
         accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
@@ -61,10 +61,11 @@ def _prepare(config_settings: dict | None, *, compile: bool) -> tuple[dict, _acc
             found = shutil.which(wanted.split()[0]) if wanted else any(shutil.which(n) for n in names)
             if not found:
                 _fail(f"no {what} found (set {env} or install one, e.g. `apt-get install build-essential`)")
-    try:
-        _vendor.ensure()
-    except _vendor.VendorError as e:
-        _fail(str(e))
+    if source:
+        try:
+            _vendor.ensure()
+        except _vendor.VendorError as e:
+            _fail(str(e))
     return settings, accel
 
 
@@ -121,13 +122,13 @@ def get_requires_for_build_editable(config_settings=None):
 
 
 def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    settings, accel = _prepare(config_settings, compile=False)
+    settings, accel = _prepare(config_settings, compile=False, source=False)  # metadata needs no source
     name = _skb.prepare_metadata_for_build_wheel(metadata_directory, settings)
     return name if accel.distribution == BASE_NAME else _rename_dist_info(Path(metadata_directory), name, accel)
 
 
 def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
-    settings, accel = _prepare(config_settings, compile=False)
+    settings, accel = _prepare(config_settings, compile=False, source=False)
     name = _skb.prepare_metadata_for_build_editable(metadata_directory, settings)
     return name if accel.distribution == BASE_NAME else _rename_dist_info(Path(metadata_directory), name, accel)
 

@@ -2,9 +2,11 @@
 
 The pin (``vendor/pin.json``) names a source distribution on the package
 registry, its SHA-256 and the subtrees the build needs. The archive is fetched
-with ``pip download``, verified, and only the listed subtrees are extracted,
+from the package index with the standard library (``fetch.py``: the user's pip
+configuration applies), verified, and only the listed subtrees are extracted,
 first into a temporary directory that is renamed into place once complete, so
-a failed or refused fetch never leaves a half-extracted tree behind.
+a failed or refused fetch never leaves a half-extracted tree behind. A lock
+file serialises builds that run at once in the same tree.
 
 Usage: ``python build_backend/vendor.py [--archive FILE] [--force]``
 """
@@ -16,11 +18,17 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+try:
+    from . import fetch
+except ImportError:  # run as a script: python build_backend/vendor.py
+    import fetch  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = ROOT / "vendor" / "pin.json"
@@ -55,13 +63,13 @@ def verify(archive: Path, pin: dict) -> None:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llamabind" / "sources"
+    """Where fetched archives are kept: ``$LLAMABIND_CACHE`` or ``$XDG_CACHE_HOME/llamabind``, then ``sources/``."""
+    base = os.environ.get("LLAMABIND_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabind"
+    return Path(base) / "sources"
 
 
 def download(pin: dict, into: Path) -> Path:
-    """Fetch the pinned sdist with pip into ``into`` (reused when already there and valid)."""
-    into.mkdir(parents=True, exist_ok=True)
+    """Fetch the pinned sdist from the package index into ``into`` (reused when already there and valid)."""
     target = into / pin["filename"]
     if target.exists():
         try:
@@ -70,15 +78,18 @@ def download(pin: dict, into: Path) -> Path:
         except VendorError:
             target.unlink()
     spec = f"{pin['package']}=={pin['version']}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin["package"],
-           "--disable-pip-version-check", "-d", str(into), spec]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not target.exists():
-        tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
-        raise VendorError(
-            f"could not download {spec} from the package registry (no network?): {tail[0]}"
-        )
-    verify(target, pin)
+    try:
+        print(f"llamabind build: fetching {spec} from the package index", file=sys.stderr, flush=True)
+        fetch.fetch_file(pin["package"], pin["filename"], target)
+    except fetch.FetchError as e:
+        raise VendorError(f"could not fetch {spec}: {e}") from None
+    except OSError as e:
+        raise VendorError(f"could not write {spec} into {into}: {e}") from None
+    try:
+        verify(target, pin)
+    except VendorError:
+        target.unlink()
+        raise
     return target
 
 
@@ -98,6 +109,7 @@ def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
     verify(archive, pin)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
@@ -119,9 +131,11 @@ def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
         missing = [s for s in pin["subtrees"] if not (tmp / s).exists()]
         if missing:
             raise VendorError(f"pinned archive lacks subtrees: {', '.join(missing)}")
-        (tmp / STAMP).write_text(pin["sha256"] + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
+        (tmp / STAMP).write_text(_stamp(pin))
+        if dest.exists():  # move the stale tree aside first, so dest is never half there
+            old = Path(tempfile.mkdtemp(prefix=".llama.cpp-old-", dir=dest.parent))
+            dest.rename(old / "tree")
+            shutil.rmtree(old, ignore_errors=True)
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,20 +143,43 @@ def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
     return dest
 
 
+def _stamp(pin: dict) -> str:
+    """What the extracted tree records: the archive's hash and the subtrees taken from it."""
+    return pin["sha256"] + "\n" + "\n".join(sorted(pin["subtrees"])) + "\n"
+
+
 def is_current(pin: dict, dest: Path = DEST) -> bool:
     stamp = dest / STAMP
-    return stamp.exists() and stamp.read_text().strip() == pin["sha256"]
+    return stamp.exists() and stamp.read_text() == _stamp(pin)
 
 
-def ensure(archive: Path | None = None, force: bool = False, dest: Path = DEST) -> Path:
+@contextmanager
+def _locked(dest: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``dest`` (two builds at once wait for each other)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: msvcrt locks a byte range instead
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+        else:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def ensure(archive: Path | None = None, force: bool = False, dest: Path = DEST, pin: dict | None = None) -> Path:
     """Make sure ``dest`` holds the pinned source; fetch and extract it when it does not."""
-    pin = load_pin()
+    pin = pin or load_pin()
     if not force and is_current(pin, dest):
         return dest
-    if archive is None:
-        env = os.environ.get("LLAMABIND_LLAMA_SDIST")
-        archive = Path(env) if env else download(pin, cache_dir())
-    return extract(Path(archive), pin, dest)
+    with _locked(dest):
+        if not force and is_current(pin, dest):  # another build did it while we waited
+            return dest
+        if archive is None:
+            env = os.environ.get("LLAMABIND_LLAMA_SDIST")
+            archive = Path(env) if env else download(pin, cache_dir())
+        return extract(Path(archive), pin, dest)
 
 
 def main(argv: list[str] | None = None) -> int:
