@@ -84,19 +84,6 @@ def test_stop_matcher_holds_back_prefixes():
     assert m.push("OP and more") == ("", True)
 
 
-def test_kv_prefix_reuse_gives_same_tokens(gemma_ctx):
-    a = "Paris is the capital of France. Berlin is the capital of"
-    b = a + " Germany. Rome is the capital of"
-    cold = lb.complete(gemma_ctx, b, max_tokens=12, reuse_cache=False)
-    lb.complete(gemma_ctx, a, max_tokens=4)
-    warm = lb.complete(gemma_ctx, b, max_tokens=12)
-    assert warm.usage.cached_tokens > 10
-    assert warm.tokens == cold.tokens
-    again = lb.complete(gemma_ctx, b, max_tokens=12)
-    assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
-    assert again.tokens == cold.tokens
-
-
 def test_chat_messages_use_template(gemma_ctx):
     msgs = [{"role": "user", "content": "Say hello."}]
     text = gemma_ctx.model.apply_chat_template(msgs)
@@ -185,11 +172,10 @@ def test_cancel_during_prefill_and_context_stays_usable(gemma_model):
     with lb.Context(gemma_model, n_ctx=2048, n_batch=2048, n_threads=2) as ctx:
         cancel = lb.Cancel()
         long_prompt = "word " * 1500
-        timer = threading.Timer(0.05, cancel.set)
-        timer.start()
+        cancel.set()  # set before the prefill: its first graph node aborts it
         done = list(lb.generate(ctx, long_prompt, max_tokens=4, cancel=cancel))[-1]
-        timer.join()
         assert done.finish_reason == "cancelled"
+        assert ctx.cached_tokens(0) == [] or len(ctx.cached_tokens(0)) < 1500
         assert done.usage.completion_tokens == 0
         ok = lb.complete(ctx, "The capital of France is", max_tokens=4)
         assert ok.finish_reason == "length"

@@ -146,8 +146,13 @@ def test_decode_and_logits_view(gemma_ctx):
     gemma_ctx.decode(b)
     logits = gemma_ctx.logits(len(toks) - 1)
     assert logits.shape == (v.n_tokens,) and logits.dtype == np.float32
-    assert not logits.flags.owndata  # a view over llama.cpp's buffer
+    assert logits.flags.owndata  # its own memory: llama.cpp reuses its buffer at the next decode
+    kept = logits.copy()
     assert np.array_equal(logits, gemma_ctx.logits(-1))
+    b2 = lb.Batch(8)
+    b2.add(v.tokenize(" Paris", add_special=False), len(toks), 0)
+    gemma_ctx.decode(b2)
+    assert np.array_equal(logits, kept)  # unchanged by the next decode
     assert v.token_to_piece(int(np.argmax(logits))).strip() != b""
     with pytest.raises(lb.InvalidInputError, match="no logits"):
         gemma_ctx.logits(0)  # row 0 did not ask for logits
@@ -283,7 +288,7 @@ def test_model_kept_alive_by_context(tiny_model_path):
     ctx = lb.Context(lb.Model(tiny_model_path), n_ctx=128, n_threads=1)
     gc.collect()
     assert not ctx.model.closed
-    assert lb.complete(ctx, "hi", max_tokens=2).usage.completion_tokens >= 0
+    assert lb.complete(ctx, "hi", max_tokens=2, ignore_eog=True).usage.completion_tokens == 2
 
 
 def test_interpreter_exit_frees_children_first(tiny_model_path):

@@ -23,7 +23,8 @@ from .system import __version__, system_info
 from .model import LoraAdapter, Model
 from .vocab import Detokenizer, Vocab
 from .batch import Batch
-from .context import Context, Memory, PerfData
+from .context import Context, PerfData
+from .memory import CachedTokens, Memory
 from .sampler import PySampler, Sampler, TokenDataArray
 from .embeddings import Embedder, Reranker, RerankResult
 from .generate import (
@@ -40,7 +41,7 @@ from .generate import (
 
 __all__ = [
     "ffi", "lib", "__version__", "system_info",
-    "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "PerfData",
+    "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "CachedTokens", "PerfData",
     "Sampler", "PySampler", "TokenDataArray", "Embedder", "Reranker", "RerankResult",
     "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",

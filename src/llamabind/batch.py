@@ -19,21 +19,30 @@ class Batch:
     """Room for ``capacity`` tokens, each in up to ``n_seq_max`` sequences.
 
     With ``embd`` > 0 the batch carries float32 input embeddings of that width instead
-    of token ids (``batch.embd``). Arrays (``token``, ``pos``, ``n_seq_id``, ``seq_id``,
-    ``logits``) may be written directly; ``n_tokens`` says how many rows are used.
+    of token ids (``batch.embd``). The arrays (``token``, ``pos``, ``n_seq_id``, ``seq_id``,
+    ``logits``) may be written in place, never rebound: the C struct points into them.
+    ``n_tokens`` says how many rows are used (0..capacity).
     """
 
+    __slots__ = ("capacity", "n_seq_max", "_token", "_embd", "_pos", "_n_seq_id", "_seq_id", "_logits",
+                 "_seq_ptrs", "_struct", "_n_tokens")
+
     def __init__(self, capacity: int, n_seq_max: int = 1, embd: int = 0) -> None:
+        for name, v in (("capacity", capacity), ("n_seq_max", n_seq_max), ("embd", embd)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InvalidInputError(f"batch {name} must be an int, not {type(v).__name__}")
         if capacity < 1 or n_seq_max < 1 or embd < 0:
             raise InvalidInputError("batch capacity and n_seq_max must be >= 1, embd >= 0")
-        self.capacity = capacity
-        self.n_seq_max = n_seq_max
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.embd = np.zeros((capacity, embd), dtype=np.float32) if embd else None
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self.seq_id = np.zeros((capacity, n_seq_max), dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
+        if capacity * max(n_seq_max, embd, 1) > 1 << 31:
+            raise InvalidInputError("batch too large")
+        self.capacity = int(capacity)
+        self.n_seq_max = int(n_seq_max)
+        self._token = np.zeros(capacity, dtype=np.int32)
+        self._embd = np.zeros((capacity, embd), dtype=np.float32) if embd else None
+        self._pos = np.zeros(capacity, dtype=np.int32)
+        self._n_seq_id = np.ones(capacity, dtype=np.int32)
+        self._seq_id = np.zeros((capacity, n_seq_max), dtype=np.int32)
+        self._logits = np.zeros(capacity, dtype=np.int8)
         # One pointer per row into seq_id, computed by numpy rather than a loop.
         self._seq_ptrs = (np.arange(capacity, dtype=np.uint64) * np.uint64(self.seq_id.strides[0])
                           + np.uint64(self.seq_id.ctypes.data))
@@ -45,10 +54,27 @@ class Batch:
         s.seq_id = ffi.cast("llama_seq_id **", self._seq_ptrs.ctypes.data)
         s.logits = ffi.cast("int8_t *", self.logits.ctypes.data)
         self._struct = s
-        self.n_tokens = 0
+        self._n_tokens = 0
+
+    token = property(lambda self: self._token, doc="token ids, int32 (capacity,)")
+    embd = property(lambda self: self._embd, doc="input embeddings, float32 (capacity, width), or None")
+    pos = property(lambda self: self._pos, doc="positions, int32 (capacity,)")
+    n_seq_id = property(lambda self: self._n_seq_id, doc="how many sequences each row belongs to, int32")
+    seq_id = property(lambda self: self._seq_id, doc="sequence ids, int32 (capacity, n_seq_max)")
+    logits = property(lambda self: self._logits, doc="whether each row outputs logits/embeddings, int8")
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    @n_tokens.setter
+    def n_tokens(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= self.capacity:
+            raise InvalidInputError(f"n_tokens must be an int in [0, {self.capacity}], not {n!r}")
+        self._n_tokens = int(n)
 
     def clear(self) -> None:
-        self.n_tokens = 0
+        self._n_tokens = 0
 
     def add(self, tokens: Iterable[int] | np.ndarray, pos0: int | np.ndarray, seq_id: int | Iterable[int] = 0,
             logits: bool | str | np.ndarray = "last") -> slice:
@@ -86,9 +112,14 @@ class Batch:
         else:
             self.embd[rows] = embd
         if np.isscalar(pos0):
+            if isinstance(pos0, bool) or not isinstance(pos0, (int, np.integer)) or not 0 <= pos0 < 2**31 - n:
+                raise InvalidInputError(f"pos0 must be a position in [0, 2**31), not {pos0!r}")
             self.pos[rows] = np.arange(pos0, pos0 + n, dtype=np.int32)
         else:
-            self.pos[rows] = np.asarray(pos0, dtype=np.int32)
+            pos = np.asarray(pos0)
+            if pos.shape != (n,):
+                raise InvalidInputError(f"positions must have shape ({n},), got {pos.shape}")
+            self.pos[rows] = pos
         seqs = np.atleast_1d(np.asarray(seq_id, dtype=np.int32))
         if seqs.ndim != 1 or not 1 <= seqs.size <= self.n_seq_max:
             raise InvalidInputError(f"a token belongs to 1..{self.n_seq_max} sequences, got {seqs.size}")
@@ -112,5 +143,5 @@ class Batch:
 
     def struct(self):
         """The ``llama_batch`` value to pass to llama_decode (valid while this object lives)."""
-        self._struct.n_tokens = self.n_tokens
+        self._struct.n_tokens = self._n_tokens
         return self._struct[0]

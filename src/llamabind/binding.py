@@ -18,6 +18,8 @@ from ._llamabind import ffi, lib
 __all__ = ["ffi", "lib", "logger"]
 
 logger = logging.getLogger("llamabind")
+# A library prints nothing until the application configures logging (no last-resort output).
+logger.addHandler(logging.NullHandler())
 
 # ggml_log_level -> logging level; GGML_LOG_LEVEL_CONT continues the previous message.
 _LEVELS = {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from ._handle import Handle
 from .batch import Batch
 from .binding import ffi, lib, take_errors
 from .errors import BusyError, InvalidInputError, LlamaError, ModelLoadError, check_decode
+from .memory import CachedTokens, Memory
 from .model import LoraAdapter, Model
 
 
@@ -38,11 +40,16 @@ class PerfData:
 
 
 class _AbortHook:
-    """A Python abort callback, called by llama.cpp between graph nodes; True aborts."""
+    """A Python abort callback, called by llama.cpp between graph nodes; True aborts.
+
+    An exception it raises aborts the decode and is raised to the caller of decode.
+    """
+
+    __slots__ = ("fn", "error")
 
     def __init__(self, fn: Callable[[], bool]) -> None:
         self.fn = fn
-        self.handle = ffi.new_handle(self)
+        self.error: BaseException | None = None
 
 
 @ffi.def_extern()
@@ -50,7 +57,8 @@ def _llamabind_abort(data) -> bool:
     hook: _AbortHook = ffi.from_handle(data)
     try:
         return bool(hook.fn())
-    except BaseException:
+    except BaseException as e:
+        hook.error = e
         return True
 
 
@@ -74,8 +82,13 @@ class Context(Handle):
 
     Keyword arguments set ``llama_context_params`` fields by name; enums take short names
     (``pooling="mean"``, ``flash_attn="enabled"`` or a bool, ``type_k="q8_0"``). ``n_threads``
-    defaults to the number of CPUs. decode/encode are serialised by a lock, so one context
-    used from two threads is never corrupted; a second generation on a busy context is refused.
+    defaults to the number of CPUs.
+
+    Threads: every call that touches the C context holds its lock (``hold()``), so calls from
+    several threads are serialised, never interleaved inside llama.cpp. A generation takes the
+    context for itself (``lease()``): a second generation, or a decode from another thread,
+    gets BusyError. ``close()`` from another thread aborts a running decode and waits for it;
+    it never frees memory under llama.cpp.
     """
 
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
@@ -97,19 +110,24 @@ class Context(Handle):
         self._abort_flag = ffi.new("int *")
         cparams.abort_callback = ffi.addressof(lib, "_llamabind_flag_abort")
         cparams.abort_callback_data = self._abort_flag
-        take_errors()
-        ptr = lib.llama_init_from_model(model.ptr, cparams)
-        if ptr == ffi.NULL:
-            raise ModelLoadError(f"could not create a context: {take_errors() or 'see the llamabind log'}")
-        super().__init__(ptr, lib.llama_free, parent=model)
+        with model.hold():
+            take_errors()
+            ptr = lib.llama_init_from_model(model.ptr, cparams)
+            if ptr == ffi.NULL:
+                raise ModelLoadError(f"could not create a context: {take_errors() or 'see the llamabind log'}")
+            super().__init__(ptr, lib.llama_free, parent=model)
         self.model = model
         self.vocab = model.vocab
-        self._lock = threading.Lock()
-        self._busy = False
+        self._lock = threading.RLock()
+        self._computing: int | None = None  # thread inside llama.cpp on this context
+        self._lease: int | None = None      # thread whose generation holds the context
         self._abort_hook: _AbortHook | None = None
+        self._abort_handle: Any = None
+        self._loras: list[tuple[LoraAdapter, float]] = []
         self._n_outputs = 0
         self._out_rows: np.ndarray | None = None  # batch rows with outputs; None: every row
-        self._history: dict[int, list[int]] = {}
+        self._tokens = CachedTokens()
+        self.kv_unified: bool = bool(cparams.kv_unified)
         self.n_ctx: int = lib.llama_n_ctx(ptr)
         self.n_batch: int = lib.llama_n_batch(ptr)
         self.n_ubatch: int = lib.llama_n_ubatch(ptr)
@@ -117,7 +135,54 @@ class Context(Handle):
         self.n_ctx_seq: int = lib.llama_n_ctx_seq(ptr)
         self.n_vocab: int = model.vocab.n_tokens
         self.embeddings_enabled = bool(embeddings)
-        self.memory = Memory(self)
+
+    @property
+    def memory(self) -> Memory:
+        """Sequence operations on the KV cache / recurrent state."""
+        return Memory(self)
+
+    def check_seq(self, seq_id: int, allow_all: bool = False) -> None:
+        """Raise InvalidInputError unless ``seq_id`` is in [0, n_seq_max) (or -1 with ``allow_all``)."""
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise InvalidInputError(f"sequence id must be an int, not {type(seq_id).__name__}")
+        if allow_all and seq_id == -1:
+            return
+        if not 0 <= seq_id < self.n_seq_max:
+            raise InvalidInputError(f"sequence id {seq_id} out of range [0, {self.n_seq_max})")
+
+    # -- threads and lifetime ------------------------------------------------------------------
+    @contextmanager
+    def hold(self) -> Iterator["Context"]:
+        """Hold the context's lock: no decode, memory operation or close runs meanwhile (re-entrant)."""
+        with self._lock:
+            self.ptr  # ClosedError first
+            yield self
+
+    @contextmanager
+    def lease(self) -> Iterator["Context"]:
+        """Take the context for one generation; BusyError while another one has it."""
+        with self._lock:
+            self.ptr
+            if self._lease is not None:
+                raise BusyError("this context is already running a generation")
+            self._lease = threading.get_ident()
+        try:
+            yield self
+        finally:
+            self._lease = None
+
+    def close(self) -> None:
+        """Free the context; a decode running in another thread is aborted and waited for."""
+        if self._ptr is None:
+            return
+        if self._computing == threading.get_ident():
+            raise BusyError("a context cannot be closed from inside its own decode (abort callback)")
+        self._abort_flag[0] = 1
+        with self._lock:
+            for adapter, _ in self._loras:
+                adapter._users.discard(self)
+            self._loras = []
+            super().close()
 
     # -- configuration -----------------------------------------------------------------------
     @property
@@ -125,7 +190,10 @@ class Context(Handle):
         return lib.llama_pooling_type(self.ptr)
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
-        lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
+        if n_threads < 1 or (n_threads_batch is not None and n_threads_batch < 1):
+            raise InvalidInputError("thread counts must be >= 1")
+        with self.hold():
+            lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
 
     @property
     def n_threads(self) -> int:
@@ -133,47 +201,83 @@ class Context(Handle):
 
     def set_embeddings(self, on: bool) -> None:
         """Switch embedding output on or off for later decodes."""
-        lib.llama_set_embeddings(self.ptr, on)
-        self.embeddings_enabled = bool(on)
+        with self.hold():
+            lib.llama_set_embeddings(self.ptr, on)
+            self.embeddings_enabled = bool(on)
 
     def set_causal_attn(self, causal: bool) -> None:
-        lib.llama_set_causal_attn(self.ptr, causal)
+        with self.hold():
+            lib.llama_set_causal_attn(self.ptr, causal)
+
+    @property
+    def causal_attn(self) -> bool:
+        """Whether decodes use causal attention (non-causal batches must fit in one ubatch)."""
+        return bool(lib.llama_get_causal_attn(self.ptr))
 
     def set_loras(self, adapters: Mapping[LoraAdapter, float]) -> None:
-        """Apply LoRA adapters with scales (an empty mapping removes all)."""
-        items = list(adapters.items())
+        """Apply LoRA adapters with scales (an empty mapping removes all); the context keeps them alive."""
+        items = [(a, float(s)) for a, s in adapters.items()]
         for a, _ in items:
-            if a.model is not self.model:
+            if not isinstance(a, LoraAdapter) or a.model is not self.model:
                 raise InvalidInputError("LoRA adapter belongs to another model")
-        ptrs = ffi.new("struct llama_adapter_lora *[]", [a.ptr for a, _ in items] or [ffi.NULL])
-        scales = ffi.new("float[]", [float(s) for _, s in items] or [0.0])
-        if lib.llama_set_adapters_lora(self.ptr, ptrs, len(items), scales) != 0:
-            raise LlamaError(f"llama_set_adapters_lora failed: {take_errors()}")
+            a.ptr  # ClosedError for a closed adapter
+        with self.hold():
+            ptrs = ffi.new("struct llama_adapter_lora *[]", [a.ptr for a, _ in items] or [ffi.NULL])
+            scales = ffi.new("float[]", [s for _, s in items] or [0.0])
+            if lib.llama_set_adapters_lora(self.ptr, ptrs, len(items), scales) != 0:
+                raise LlamaError(f"llama_set_adapters_lora failed: {take_errors()}")
+            for a, _ in self._loras:
+                a._users.discard(self)
+            self._loras = items
+            for a, _ in items:
+                a._users.add(self)
+
+    def _drop_lora(self, adapter: LoraAdapter) -> None:
+        """An adapter in use is being closed: take it out of this context first."""
+        if self._ptr is not None:
+            self.set_loras({a: s for a, s in self._loras if a is not adapter})
 
     # -- abort -------------------------------------------------------------------------------
     def set_abort_callback(self, fn: Callable[[], bool] | None) -> None:
-        """Call ``fn()`` during computation; True aborts the decode (AbortedError). None restores the default."""
-        self._abort_hook = None if fn is None else _AbortHook(fn)
-        self._restore_abort()
+        """Call ``fn()`` during computation; True aborts the decode (AbortedError), and an exception
+        it raises is raised from the decode. None restores the default (``abort()``)."""
+        with self.hold():
+            self._abort_hook = None if fn is None else _AbortHook(fn)
+            self._abort_handle = None if fn is None else ffi.new_handle(self._abort_hook)
+            self.restore_abort()
 
-    def _restore_abort(self) -> None:
+    def restore_abort(self) -> None:
+        """Point llama.cpp's abort callback back at this context's own (after ``use_abort_flag``)."""
         if self._abort_hook is not None:
-            lib.llama_set_abort_callback(self.ptr, lib._llamabind_abort, self._abort_hook.handle)
+            lib.llama_set_abort_callback(self.ptr, lib._llamabind_abort, self._abort_handle)
         else:
             lib.llama_set_abort_callback(self.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), self._abort_flag)
+
+    def use_abort_flag(self, flag: Any) -> None:
+        """Abort decodes when the C int ``flag`` (a ``Cancel``'s) becomes non-zero, until ``restore_abort``."""
+        lib.llama_set_abort_callback(self.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), flag)
 
     def abort(self) -> None:
         """Stop the decode running now (from any thread); the next decode runs normally."""
         self._abort_flag[0] = 1
 
+    def abort_flag_clear(self) -> None:
+        """Clear ``abort()``'s flag before a decode made outside ``decode`` (libmtmd)."""
+        self._abort_flag[0] = 0
+
     # -- compute -----------------------------------------------------------------------------
-    def _check_batch(self, batch: Batch) -> None:
+    def _check_batch(self, batch: Batch, encode: bool = False) -> None:
         self.ptr  # raises ClosedError first
+        if not isinstance(batch, Batch):
+            raise InvalidInputError(f"expected a Batch, not {type(batch).__name__}")
         n = batch.n_tokens
         if n == 0:
             raise InvalidInputError("empty batch")
         if n > self.n_batch:
             raise InvalidInputError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        if (encode or not self.model.has_decoder or not self.causal_attn) and n > self.n_ubatch:
+            raise InvalidInputError(f"a batch for {'llama_encode' if encode else 'non-causal attention'} must fit "
+                                    f"in one ubatch: {n} tokens > n_ubatch={self.n_ubatch}")
         if batch.embd is None:
             self.vocab.check_tokens(batch.token[:n])
         elif batch.embd.shape[1] != self.model.n_embd:
@@ -189,85 +293,133 @@ class Context(Handle):
 
     def decode(self, batch: Batch) -> None:
         """Run the model on ``batch`` (checked first); errors become DecodeError subclasses."""
-        self._check_batch(batch)
-        self._decode(batch)
+        with self.hold():
+            self._check_batch(batch)
+            self._check_owner()
+            self.run(batch)
 
-    def _decode(self, batch: Batch, fn=lib.llama_decode, what: str = "llama_decode") -> None:
-        """decode (or encode) without the input checks, for callers that built the batch themselves."""
+    def encode(self, batch: Batch) -> None:
+        """Run the encoder on ``batch`` (encoder models: BERT, T5 ...); it must fit in one ubatch."""
+        with self.hold():
+            self._check_batch(batch, encode=True)
+            self._check_owner()
+            self.run(batch, encode=True)
+
+    def _check_owner(self) -> None:
+        if self._lease is not None and self._lease != threading.get_ident():
+            raise BusyError("a generation in another thread is driving this context")
+
+    def run(self, batch: Batch, encode: bool = False) -> None:
+        """decode (or encode) ``batch`` without the input checks, for loops that built it themselves.
+
+        The caller vouches for the batch (tokens, positions, sequence ids, size); everything else
+        (lock, abort flag, output bookkeeping, errors) is as in ``decode``.
+        """
+        fn, what = (lib.llama_encode, "llama_encode") if encode else (lib.llama_decode, "llama_decode")
         s = batch.struct()
         with self._lock:
             ptr = self.ptr
             self._abort_flag[0] = 0
-            rc = fn(ptr, s)
-        self._set_outputs(batch, rc)
-        if rc:
-            check_decode(rc, what, take_errors())
-
-    def encode(self, batch: Batch) -> None:
-        """Run the encoder on ``batch`` (encoder models: BERT, T5 ...)."""
-        self._check_batch(batch)
-        self._decode(batch, lib.llama_encode, "llama_encode")
+            self._computing = threading.get_ident()
+            try:
+                rc = fn(ptr, s)
+            finally:
+                self._computing = None
+            self._set_outputs(batch, rc)
+            if rc:
+                hook = self._abort_hook
+                if rc == 2 and hook is not None and hook.error is not None:
+                    error, hook.error = hook.error, None
+                    take_errors()
+                    raise error
+                check_decode(rc, what, take_errors())
 
     def synchronize(self) -> None:
-        lib.llama_synchronize(self.ptr)
+        with self.hold():
+            lib.llama_synchronize(self.ptr)
 
     # -- outputs -----------------------------------------------------------------------------
     def _set_outputs(self, batch: Batch, rc: int) -> None:
         rows = np.flatnonzero(batch.logits[: batch.n_tokens]) if rc == 0 else np.empty(0, np.intp)
         self._out_rows, self._n_outputs = rows, rows.size
 
-    def mark_outputs(self, n_outputs: int) -> None:
-        """Declare that a decode made outside this object (e.g. by libmtmd) left ``n_outputs``
-        output rows, the last ones of its batch, so ``logits(-1)`` and samplers may read them."""
-        self._out_rows, self._n_outputs = None, max(0, int(n_outputs))
+    def set_outputs(self, n_outputs: int, rows: np.ndarray | None = None) -> None:
+        """Record the outputs of a decode made outside ``decode`` (a decode loop, libmtmd): ``rows``
+        (batch rows with outputs), or the last ``n_outputs`` rows of its batch."""
+        self._out_rows, self._n_outputs = rows, max(0, int(n_outputs))
+
+    mark_outputs = set_outputs  # the name earlier releases used
+
+    @property
+    def n_outputs(self) -> int:
+        """How many output rows (logits/embeddings) the last decode produced."""
+        return self._n_outputs
 
     def _output_index(self, i: int) -> int:
         """Check that batch row ``i`` of the last decode has an output (negative: from the last output)."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidInputError(f"output row must be an int, not {type(i).__name__}")
         rows, n = self._out_rows, self._n_outputs
         ok = -n <= i < 0 if i < 0 else (i < n if rows is None else bool(np.any(rows == i)))
         if not ok:
             raise InvalidInputError(f"batch row {i} of the last decode has no logits/embeddings "
                                     f"({n} outputs); request them with the batch's logits flags")
-        return i
+        return int(i)
+
+    def _copy(self, p: Any, n: int) -> np.ndarray:
+        return np.frombuffer(ffi.buffer(p, n * 4), dtype=np.float32).copy()
 
     def logits(self, i: int = -1) -> np.ndarray:
-        """Logits of output row ``i`` of the last decode, as a float32 view (valid until the next decode)."""
-        p = lib.llama_get_logits_ith(self.ptr, self._output_index(i))
-        if p == ffi.NULL:
-            raise InvalidInputError(f"no logits for output row {i}: {take_errors()}")
-        return np.frombuffer(ffi.buffer(p, self.n_vocab * 4), dtype=np.float32)
+        """Logits of output row ``i`` of the last decode, as a float32 array of its own.
+
+        A copy (about 50 µs for 262k tokens), since llama.cpp reuses or reallocates its buffer at
+        the next decode; samplers read the buffer in place.
+        """
+        with self.hold():
+            p = lib.llama_get_logits_ith(self.ptr, self._output_index(i))
+            if p == ffi.NULL:
+                raise InvalidInputError(f"no logits for output row {i}: {take_errors()}")
+            return self._copy(p, self.n_vocab)
 
     def embeddings(self, i: int = -1) -> np.ndarray:
-        """Embedding of output row ``i`` of the last decode (pooling none), a float32 view."""
-        if not self.embeddings_enabled:
-            raise InvalidInputError("embeddings are off: create the context with embeddings=True")
-        p = lib.llama_get_embeddings_ith(self.ptr, self._output_index(i))
-        if p == ffi.NULL:
-            raise InvalidInputError(f"no embedding for output row {i}: {take_errors()}")
-        return np.frombuffer(ffi.buffer(p, self.model.n_embd_out * 4), dtype=np.float32)
+        """Embedding of output row ``i`` of the last decode (pooling none), a float32 array."""
+        with self.hold():
+            if not self.embeddings_enabled:
+                raise InvalidInputError("embeddings are off: create the context with embeddings=True")
+            p = lib.llama_get_embeddings_ith(self.ptr, self._output_index(i))
+            if p == ffi.NULL:
+                raise InvalidInputError(f"no embedding for output row {i}: {take_errors()}")
+            return self._copy(p, self.model.n_embd_out)
 
     def embeddings_seq(self, seq_id: int, n: int | None = None) -> np.ndarray:
-        """Pooled embedding of sequence ``seq_id`` (rank pooling: ``n_cls_out`` scores), a float32 view."""
-        if not self.embeddings_enabled:
-            raise InvalidInputError("embeddings are off: create the context with embeddings=True")
-        self.memory._check_seq(seq_id)
-        p = lib.llama_get_embeddings_seq(self.ptr, seq_id)
-        if p == ffi.NULL:
-            raise InvalidInputError(f"no pooled embedding for sequence {seq_id} (pooling none, or not decoded)")
-        width = n if n is not None else self.model.n_embd_out
-        return np.frombuffer(ffi.buffer(p, width * 4), dtype=np.float32)
+        """Pooled embedding of sequence ``seq_id`` (rank pooling: ``n_cls_out`` scores), a float32 array;
+        ``n`` takes only the first ``n`` values."""
+        with self.hold():
+            if not self.embeddings_enabled:
+                raise InvalidInputError("embeddings are off: create the context with embeddings=True")
+            self.check_seq(seq_id)
+            rank = lib.llama_pooling_type(self.ptr) == lib.LLAMA_POOLING_TYPE_RANK
+            width = max(self.model.n_cls_out, 1) if rank else self.model.n_embd_out
+            if n is not None and not 1 <= n <= width:
+                raise InvalidInputError(f"n={n} out of range [1, {width}] for this pooling")
+            p = lib.llama_get_embeddings_seq(self.ptr, seq_id)
+            if p == ffi.NULL:
+                raise InvalidInputError(f"no pooled embedding for sequence {seq_id} (pooling none, or not decoded)")
+            return self._copy(p, width if n is None else n)
 
     # -- perf and state ----------------------------------------------------------------------
     def perf(self) -> PerfData:
-        d = lib.llama_perf_context(self.ptr)
+        with self.hold():
+            d = lib.llama_perf_context(self.ptr)
         return PerfData(d.t_load_ms, d.t_p_eval_ms, d.t_eval_ms, d.n_p_eval, d.n_eval, d.n_reused)
 
     def perf_reset(self) -> None:
-        lib.llama_perf_context_reset(self.ptr)
+        with self.hold():
+            lib.llama_perf_context_reset(self.ptr)
 
     def state_save(self) -> bytes:
         """The whole context state (KV cache, outputs, RNG) as bytes."""
-        with self._lock:
+        with self.hold():
             size = lib.llama_state_get_size(self.ptr)
             buf = bytearray(size)
             n = lib.llama_state_get_data(self.ptr, ffi.from_buffer("uint8_t[]", buf), size)
@@ -279,23 +431,30 @@ class Context(Handle):
         ``tokens``: what sequence 0 held when saved (``cached_tokens(0)``), so that ``generate``
         reuses it as a cached prefix; without it the next generation decodes from scratch.
         """
-        with self._lock:
+        data = _as_bytes(data)
+        with self.hold():
             n = lib.llama_state_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data))
-        self._history.clear()
-        if n == 0:
-            raise InvalidInputError(f"state data rejected: {take_errors() or 'wrong size or model'}")
-        if tokens is not None:
-            self._history[0] = [int(t) for t in tokens]
+            self._tokens.forget(-1)
+            self.set_outputs(0)
+            if n == 0:
+                raise InvalidInputError(f"state data rejected: {take_errors() or 'wrong size or model'}")
+            if tokens is not None:
+                self._tokens.set(0, tokens)
 
     def cached_tokens(self, seq_id: int = 0) -> list[int]:
         """The tokens ``generate`` knows to be in the KV cache of a sequence (its reusable prefix)."""
-        self.memory._check_seq(seq_id)
-        return list(self._history.get(seq_id, []))
+        self.check_seq(seq_id)
+        return self._tokens.get(seq_id)
+
+    @property
+    def tokens(self) -> CachedTokens:
+        """The per-sequence record of cached tokens that prefix reuse trusts (kept by llamabind)."""
+        return self._tokens
 
     def seq_state_save(self, seq_id: int) -> bytes:
         """One sequence's KV state as bytes."""
-        self.memory._check_seq(seq_id)
-        with self._lock:
+        self.check_seq(seq_id)
+        with self.hold():
             size = lib.llama_state_seq_get_size(self.ptr, seq_id)
             buf = bytearray(size)
             n = lib.llama_state_seq_get_data(self.ptr, ffi.from_buffer("uint8_t[]", buf), size, seq_id)
@@ -303,17 +462,18 @@ class Context(Handle):
 
     def seq_state_load(self, data: bytes, seq_id: int) -> None:
         """Load a sequence state saved by ``seq_state_save`` into ``seq_id``."""
-        self.memory._check_seq(seq_id)
-        with self._lock:
+        self.check_seq(seq_id)
+        data = _as_bytes(data)
+        with self.hold():
             n = lib.llama_state_seq_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data), seq_id)
-        self._history.pop(seq_id, None)
-        if n == 0:
-            raise InvalidInputError(f"sequence state rejected: {take_errors() or 'wrong size or model'}")
+            self._tokens.forget(seq_id)
+            if n == 0:
+                raise InvalidInputError(f"sequence state rejected: {take_errors() or 'wrong size or model'}")
 
     def state_save_file(self, path: str | os.PathLike, tokens: Any = None) -> None:
         """Save the context state and ``tokens`` (default: the tokens of sequence 0 in the cache) to a file."""
-        toks = np.ascontiguousarray(self._history.get(0, []) if tokens is None else tokens, dtype=np.int32)
-        with self._lock:
+        toks = np.ascontiguousarray(self._tokens.get(0) if tokens is None else tokens, dtype=np.int32)
+        with self.hold():
             ok = lib.llama_state_save_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), toks.size)
         if not ok:
             raise LlamaError(f"could not save state to {path}: {take_errors()}")
@@ -324,111 +484,21 @@ class Context(Handle):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"state file not found: {path}")
         cap = max_tokens or self.n_ctx
+        if cap < 1:
+            raise InvalidInputError("max_tokens must be >= 1")
         toks = np.zeros(cap, dtype=np.int32)
         n = ffi.new("size_t *")
-        with self._lock:
+        with self.hold():
             ok = lib.llama_state_load_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), cap, n)
-        self._history.clear()
-        if not ok:
-            raise InvalidInputError(f"could not load state from {path}: {take_errors()}")
-        self._history[0] = toks[: n[0]].tolist()
+            self._tokens.forget(-1)
+            self.set_outputs(0)
+            if not ok:
+                raise InvalidInputError(f"could not load state from {path}: {take_errors()}")
+            self._tokens.set(0, toks[: n[0]])
         return toks[: n[0]].copy()
 
-    # -- generation bookkeeping ----------------------------------------------------------------
-    def _acquire(self) -> None:
-        with self._lock:
-            if self._busy:
-                raise BusyError("this context is already running a generation")
-            self._busy = True
 
-    def _release(self) -> None:
-        self._busy = False
-
-
-class Memory:
-    """The context's memory (KV cache or recurrent state): sequence operations."""
-
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
-
-    @property
-    def ptr(self):
-        return lib.llama_get_memory(self._ctx.ptr)
-
-    def _check_seq(self, seq_id: int, allow_all: bool = False) -> None:
-        if allow_all and seq_id == -1:
-            return
-        if not 0 <= seq_id < self._ctx.n_seq_max:
-            raise InvalidInputError(f"sequence id {seq_id} out of range [0, {self._ctx.n_seq_max})")
-
-    def clear(self, data: bool = True) -> None:
-        """Drop every sequence (``data`` also zeroes the buffers)."""
-        lib.llama_memory_clear(self.ptr, data)
-        self._ctx._history.clear()
-
-    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        """Remove positions [p0, p1) of a sequence (-1: all sequences / open ends); False if impossible."""
-        self._check_seq(seq_id, allow_all=True)
-        ok = bool(lib.llama_memory_seq_rm(self.ptr, seq_id, p0, p1))
-        hist = self._ctx._history
-        for s in (list(hist) if seq_id == -1 else [seq_id]):
-            if s in hist:
-                if ok and p1 < 0 and p0 >= 0:
-                    del hist[s][p0:]
-                else:
-                    hist.pop(s)
-        return ok
-
-    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Copy positions [p0, p1) of sequence ``src`` into ``dst``."""
-        self._check_seq(src)
-        self._check_seq(dst)
-        lib.llama_memory_seq_cp(self.ptr, src, dst, p0, p1)
-        self._ctx._history.pop(dst, None)
-
-    def seq_keep(self, seq_id: int) -> None:
-        """Drop every sequence except ``seq_id``."""
-        self._check_seq(seq_id)
-        lib.llama_memory_seq_keep(self.ptr, seq_id)
-        kept = self._ctx._history.get(seq_id)
-        self._ctx._history.clear()
-        if kept is not None:
-            self._ctx._history[seq_id] = kept
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
-        """Shift positions [p0, p1) of a sequence by ``delta`` (needs ``can_shift``)."""
-        self._check_seq(seq_id, allow_all=True)
-        if not self.can_shift:
-            raise InvalidInputError("this model's memory cannot shift positions")
-        lib.llama_memory_seq_add(self.ptr, seq_id, p0, p1, delta)
-        self._forget(seq_id)
-
-    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
-        """Divide positions [p0, p1) of a sequence by ``d`` (needs ``can_shift``)."""
-        self._check_seq(seq_id, allow_all=True)
-        if d < 1:
-            raise InvalidInputError("divisor must be >= 1")
-        if not self.can_shift:
-            raise InvalidInputError("this model's memory cannot shift positions")
-        lib.llama_memory_seq_div(self.ptr, seq_id, p0, p1, d)
-        self._forget(seq_id)
-
-    def seq_pos_min(self, seq_id: int) -> int:
-        """Smallest position of the sequence in memory, -1 if empty."""
-        self._check_seq(seq_id)
-        return lib.llama_memory_seq_pos_min(self.ptr, seq_id)
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        """Largest position of the sequence in memory, -1 if empty."""
-        self._check_seq(seq_id)
-        return lib.llama_memory_seq_pos_max(self.ptr, seq_id)
-
-    @property
-    def can_shift(self) -> bool:
-        return bool(lib.llama_memory_can_shift(self.ptr))
-
-    def _forget(self, seq_id: int) -> None:
-        if seq_id == -1:
-            self._ctx._history.clear()
-        else:
-            self._ctx._history.pop(seq_id, None)
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise InvalidInputError(f"state data must be bytes, not {type(data).__name__}")

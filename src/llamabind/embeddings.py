@@ -363,11 +363,8 @@ class Embedder:
         ctx = self.ctx
         with self._lock:
             ctx.ptr  # ClosedError first
-            ctx._acquire()  # BusyError while a generation (or another Embedder) drives this context
-            try:
+            with ctx.lease(), ctx.hold():  # BusyError while a generation (or another Embedder) drives it
                 return [self._batch_run(group, width) for group in self._pack(toks)]
-            finally:
-                ctx._release()
 
     def _pack(self, toks: list[np.ndarray]) -> Iterable[list[np.ndarray]]:
         """Greedy packing in input order, as llama.cpp's embedding tool does."""

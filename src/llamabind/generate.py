@@ -17,11 +17,13 @@ import numpy as np
 from .batch import Batch
 from .binding import ffi, lib, take_errors
 from .context import Context
-from .errors import AbortedError, ContextOverflowError, InvalidInputError, check_decode
+from .context import PerfData
+from .errors import AbortedError, ContextOverflowError, InvalidInputError, LlamaError
 from .sampler import Sampler, sample_fast
 from .vocab import as_tokens
 
 Prompt = Union[str, Sequence[int], np.ndarray]
+_NO_PERF = PerfData(0.0, 0.0, 0.0, 0, 0, 0)
 Messages = Sequence[Mapping[str, str]]
 
 
@@ -57,7 +59,9 @@ class Timings:
 
 @dataclass(slots=True)
 class DoneEvent:
-    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``), counts, timings."""
+    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``, ``error``),
+    counts, timings, and all that was generated. With ``error`` the exception is in ``error``,
+    and the generator raises it right after its last DoneEvent."""
 
     finish_reason: str
     usage: Usage
@@ -65,6 +69,7 @@ class DoneEvent:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     index: int = 0
+    error: BaseException | None = None
 
 
 class Cancel:
@@ -74,17 +79,19 @@ class Cancel:
     nothing; the context stays usable afterwards.
     """
 
+    __slots__ = ("flag",)
+
     def __init__(self) -> None:
-        self._flag = ffi.new("int *")
+        self.flag = ffi.new("int *")  # the C int the abort callback reads
 
     def set(self) -> None:
-        self._flag[0] = 1
+        self.flag[0] = 1
 
     def clear(self) -> None:
-        self._flag[0] = 0
+        self.flag[0] = 0
 
     def is_set(self) -> bool:
-        return self._flag[0] != 0
+        return self.flag[0] != 0
 
 
 class StopMatcher:
@@ -93,7 +100,11 @@ class StopMatcher:
     __slots__ = ("stops", "pending")
 
     def __init__(self, stops: Iterable[str]) -> None:
+        if isinstance(stops, str):  # one stop string, not a set of one-character stops
+            stops = [stops]
         self.stops = [s for s in stops if s]
+        if not all(isinstance(s, str) for s in self.stops):
+            raise InvalidInputError("stop strings must be str")
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -175,36 +186,46 @@ class _Seq:
         self.prefill: Callable[[], int] | None = None  # for an empty prompt: decodes the input, returns n_past
 
 
-def _prefix_len(history: list[int] | None, tokens: np.ndarray) -> int:
-    if not history:
+def _reusable(ctx: Context, seq_id: int, n_keep: int) -> int:
+    """How much of a cached prefix of ``n_keep`` tokens may really be kept.
+
+    A sliding-window cache that is not full-size has dropped the cells older than the window
+    behind its newest position; continuing at ``n_keep`` needs the window behind ``n_keep``,
+    so a prefix is kept only if the sequence's oldest cell is still within it (as llama-server
+    checks). Recurrent and hybrid memories keep no per-position history: nothing is reused.
+    """
+    model = ctx.model
+    if n_keep <= 0 or model.is_recurrent or model.is_hybrid:
         return 0
-    n = min(len(history), tokens.size)
-    diff = np.flatnonzero(np.asarray(history[:n], dtype=np.int32) != tokens[:n])
-    return int(diff[0]) if diff.size else n
+    n_swa = model.n_swa
+    if n_swa > 0:
+        pos_min = lib.llama_memory_seq_pos_min(lib.llama_get_memory(ctx.ptr), seq_id)
+        if pos_min > max(0, n_keep - n_swa):
+            return 0
+    return n_keep
 
 
 def _reuse_prefix(ctx: Context, seqs: list[_Seq], reuse_cache: bool) -> None:
     """Keep each sequence's longest cached prompt prefix in the KV cache and drop the rest."""
-    mem = ctx.memory
-    can_reuse = reuse_cache and not (ctx.model.is_recurrent or ctx.model.is_hybrid)
+    mem, tokens = ctx.memory, ctx.tokens
     for s in seqs:
-        n_keep = _prefix_len(ctx._history.get(s.seq_id), s.prompt) if can_reuse else 0
-        n_keep = min(n_keep, s.prompt.size - 1)  # the last prompt token is decoded for its logits
+        n_keep = tokens.common_prefix(s.seq_id, s.prompt) if reuse_cache else 0
+        n_keep = _reusable(ctx, s.seq_id, min(n_keep, s.prompt.size - 1))  # the last token is decoded for its logits
         if n_keep > 0 and mem.seq_rm(s.seq_id, n_keep, -1):
             s.n_cached = n_keep
         else:
             n_keep = 0
             mem.seq_rm(s.seq_id, -1, -1)
-        ctx._history[s.seq_id] = s.prompt[:n_keep].tolist()
+        tokens.set(s.seq_id, s.prompt[:n_keep])
         s.n_pos = n_keep
 
 
 def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEvent | None:
     """Sample the next token of ``s`` from its batch row; set ``s.reason`` when it ends."""
-    if cancel is not None and cancel._flag[0]:
+    if cancel is not None and cancel.is_set():
         s.reason = "cancelled"
         return None
-    tok = sample_fast(s.sampler, ctx._ptr, s.row, ctx.n_vocab)
+    tok = sample_fast(s.sampler, ctx.ptr, s.row, ctx.n_vocab)
     if not s.t_first:
         s.t_first = time.perf_counter() - t0
     piece, eog = s.detok.entry(tok)
@@ -212,7 +233,7 @@ def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEve
         s.reason = "stop"
         return None
     s.out.append(tok)
-    text, hit = s.stop.push(s.detok._decode(piece))
+    text, hit = s.stop.push(s.detok.feed_piece(piece))
     if text:
         s.text.append(text)
     if hit:
@@ -224,119 +245,172 @@ def _sample(ctx: Context, s: _Seq, cancel: Cancel | None, t0: float) -> TokenEve
     return TokenEvent(tok, text, s.index)
 
 
-def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | None) -> Iterator:
-    """Drive all sequences to completion, yielding TokenEvent and DoneEvent objects."""
-    ctx._acquire()
-    t0 = time.perf_counter()
-    try:
-        if cancel is not None:
-            lib.llama_set_abort_callback(ctx.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
-        ctx.perf_reset()
-        batch = Batch(ctx.n_batch, 1)
-        # Sequences whose input is decoded by other means (media chunks) sample from the last
-        # output, after their prefill callable ran here, inside this generation's hold on ctx.
-        for s in seqs:
-            if s.prompt.size == 0:
-                try:
-                    s.n_pos = s.prefill()
-                except AbortedError:
-                    s.reason = "cancelled"
-                    continue
-                ctx._history[s.seq_id] = [-1] * s.n_pos  # never a text prefix to reuse
-                if s.n_prompt < 0:
-                    s.n_prompt = s.n_pos
-                if ctx._n_outputs < 1:
-                    ctx.mark_outputs(1)
-                ev = _sample(ctx, s, cancel, t0)
-                if ev is not None:
-                    yield ev
-        seqs_todo = [s for s in seqs if s.prompt.size]
-        _reuse_prefix(ctx, seqs_todo, reuse_cache)
-        # Prefill: the rest of every prompt, packed into batches of at most n_batch tokens; a
-        # sequence samples its first token right after the batch holding its last prompt token.
-        todo = seqs_todo
-        while todo:
-            batch.clear()
-            room, in_batch = ctx.n_batch, []
-            for s in todo:
-                if room == 0:
-                    break
-                take = min(room, s.prompt.size - s.n_pos)
-                last = s.n_pos + take == s.prompt.size
-                rows = batch.add(s.prompt[s.n_pos:s.n_pos + take], s.n_pos, s.seq_id,
-                                 logits="last" if last else False)
-                in_batch.append((s, take))
-                room -= take
-                s.row = rows.stop - 1
-            try:
-                ctx._decode(batch)
-            except AbortedError:
-                for s in seqs:  # drop whatever the aborted batch may have written
-                    ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
-                    s.reason = s.reason or "cancelled"
+def _sample_all(ctx: Context, seqs: Iterable[_Seq], cancel: Cancel | None, t0: float) -> list[TokenEvent]:
+    events = []
+    for s in seqs:
+        ev = _sample(ctx, s, cancel, t0)
+        if ev is not None:
+            events.append(ev)
+    return events
+
+
+def _drop_unfinished(ctx: Context, seqs: Iterable[_Seq], reason: str) -> None:
+    """After an aborted or failed decode: drop what it may have written, end the sequences."""
+    for s in seqs:
+        if s.reason is None:
+            ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
+            s.reason = reason
+
+
+def _prefill_media(ctx: Context, seqs: list[_Seq], cancel: Cancel | None, t0: float) -> list[TokenEvent]:
+    """Sequences whose input is decoded by other means (media chunks): run their prefill
+    callable here, inside this generation's hold on ctx, then sample from the last output."""
+    events = []
+    for s in seqs:
+        try:
+            s.n_pos = s.prefill()
+        except AbortedError:
+            s.reason = "cancelled"
+            continue
+        ctx.tokens.forget(s.seq_id)  # never a text prefix to reuse
+        if s.n_prompt < 0:
+            s.n_prompt = s.n_pos
+        if ctx.n_outputs < 1 or lib.llama_get_logits_ith(ctx.ptr, -1) == ffi.NULL:
+            take_errors()
+            raise InvalidInputError("the input was decoded without logits for its last position "
+                                    "(decode it with logits on the last token, e.g. eval_chunks(logits_last=True))")
+        s.row = -1
+        events += _sample_all(ctx, [s], cancel, t0)
+    return events
+
+
+def _prefill(ctx: Context, batch: Batch, todo: list[_Seq], seqs: list[_Seq], cancel: Cancel | None,
+             t0: float) -> Iterator[TokenEvent]:
+    """The rest of every prompt, packed into batches of at most n_batch tokens; a sequence
+    samples its first token right after the batch holding its last prompt token."""
+    while todo:
+        batch.clear()
+        room, in_batch = ctx.n_batch, []
+        for s in todo:
+            if room == 0:
                 break
+            take = min(room, s.prompt.size - s.n_pos)
+            last = s.n_pos + take == s.prompt.size
+            rows = batch.add(s.prompt[s.n_pos:s.n_pos + take], s.n_pos, s.seq_id, logits="last" if last else False)
+            in_batch.append((s, take))
+            room -= take
+            s.row = rows.stop - 1
+        with ctx.hold():
+            try:
+                ctx.run(batch)
+            except AbortedError:
+                _drop_unfinished(ctx, seqs, "cancelled")
+                return
+            events = []
             for s, take in in_batch:
-                ctx._history[s.seq_id].extend(s.prompt[s.n_pos:s.n_pos + take].tolist())
+                ctx.tokens.extend(s.seq_id, s.prompt[s.n_pos:s.n_pos + take])
                 s.n_pos += take
                 if s.n_pos == s.prompt.size:
-                    ev = _sample(ctx, s, cancel, t0)
-                    if ev is not None:
-                        yield ev
-            todo = [s for s in todo if s.n_pos < s.prompt.size and s.reason is None]
-        # Generation: one batch per step holding the next token of every active sequence.
-        tok_arr, pos_arr = batch._struct.token, batch._struct.pos
-        active = [s for s in seqs if s.reason is None]
-        layout = None  # the sequences the batch rows were set up for
-        while active:
-            if layout != active:  # rows change only when a sequence ends
-                layout = active
-                for r, s in enumerate(active):
-                    s.row = r
-                batch.seq_id[: len(active), 0] = [s.seq_id for s in active]
-                batch.n_seq_id[: len(active)] = 1
-                batch.logits[: len(active)] = 1
-                batch.n_tokens = len(active)
+                    events += _sample_all(ctx, [s], cancel, t0)
+        yield from events
+        todo = [s for s in todo if s.n_pos < s.prompt.size and s.reason is None]
+
+
+def _decode_steps(ctx: Context, batch: Batch, seqs: list[_Seq], cancel: Cancel | None,
+                  t0: float) -> Iterator[TokenEvent]:
+    """One batch per step holding the next token of every active sequence."""
+    tok_arr, pos_arr = batch.token, batch.pos
+    active = [s for s in seqs if s.reason is None]
+    layout = None  # the sequences the batch rows were set up for
+    while active:
+        if layout != active:  # rows change only when a sequence ends
+            layout = active
+            n = len(active)
             for r, s in enumerate(active):
-                tok_arr[r] = s.pending_token
-                pos_arr[r] = s.n_pos
-            with ctx._lock:
-                cptr = ctx.ptr  # raises ClosedError if the context was closed meanwhile
-                rc = lib.llama_decode(cptr, batch.struct())
-            ctx._out_rows, ctx._n_outputs = None, (len(active) if rc == 0 else 0)
-            if rc == 2:
-                for s in active:
-                    ctx.memory.seq_rm(s.seq_id, s.n_pos, -1)
-                    s.reason = "cancelled"
-                break
-            if rc:
-                check_decode(rc, detail=take_errors())
-            ended = False
+                s.row = r
+            batch.seq_id[:n, 0] = [s.seq_id for s in active]
+            batch.n_seq_id[:n] = 1
+            batch.logits[:n] = 1
+            batch.n_tokens = n
+        for r, s in enumerate(active):
+            tok_arr[r] = s.pending_token
+            pos_arr[r] = s.n_pos
+        with ctx.hold():
+            try:
+                ctx.run(batch)
+            except AbortedError:
+                _drop_unfinished(ctx, active, "cancelled")
+                return
+            tokens = ctx.tokens
             for s in active:
-                ctx._history[s.seq_id].append(s.pending_token)
+                tokens.append(s.seq_id, s.pending_token)
                 s.n_pos += 1
-                ev = _sample(ctx, s, cancel, t0)
-                if ev is not None:
-                    yield ev
-                ended = ended or s.reason is not None
-            if ended:
-                active = [s for s in active if s.reason is None]
-        perf = ctx.perf()
+            events = _sample_all(ctx, active, cancel, t0)
+        yield from events
+        if any(s.reason is not None for s in active):
+            active = [s for s in active if s.reason is None]
+
+
+def _done(s: _Seq, perf, error: BaseException | None) -> Iterator[TokenEvent | DoneEvent]:
+    tail = "" if s.hit else s.stop.flush() + s.detok.flush()
+    if tail:
+        s.text.append(tail)
+        yield TokenEvent(None, tail, s.index)
+    reason = "error" if error is not None and s.reason in (None, "error") else (s.reason or "cancelled")
+    yield DoneEvent(
+        finish_reason=reason, usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out)),
+        timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
+        text="".join(s.text), tokens=s.out, index=s.index, error=error if reason == "error" else None)
+
+
+def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | None) -> Iterator:
+    """Drive all sequences to completion, yielding TokenEvent and DoneEvent objects.
+
+    A failure part-way (a full KV cache, a failing callback or sampler) still ends every
+    sequence with its DoneEvent (``finish_reason="error"``, what was generated so far), then
+    raises the error, with ``error.done`` holding those DoneEvents.
+    """
+    error: BaseException | None = None
+    with ctx.lease():
+        t0 = time.perf_counter()
+        try:
+            if cancel is not None:
+                ctx.use_abort_flag(cancel.flag)
+            ctx.perf_reset()
+            batch = Batch(ctx.n_batch, 1)
+            media = [s for s in seqs if s.prompt.size == 0]
+            if media:
+                with ctx.hold():
+                    events = _prefill_media(ctx, media, cancel, t0)
+                yield from events
+            todo = [s for s in seqs if s.prompt.size]
+            with ctx.hold():
+                _reuse_prefix(ctx, todo, reuse_cache)
+            yield from _prefill(ctx, batch, todo, seqs, cancel, t0)
+            yield from _decode_steps(ctx, batch, seqs, cancel, t0)
+        except (LlamaError, MemoryError) as e:
+            error = e
+        except Exception as e:  # a user's sampler or callback: the caller gets it, and the text so far
+            error = e
+        finally:
+            if cancel is not None and not ctx.closed:
+                ctx.restore_abort()
+        if error is not None and not ctx.closed:
+            with ctx.hold():
+                _drop_unfinished(ctx, seqs, "error")
+        perf = ctx.perf() if not ctx.closed else _NO_PERF
+        done: list[DoneEvent] = []
         for s in seqs:
-            tail = "" if s.hit else s.stop.flush() + s.detok.flush()
-            if tail:
-                s.text.append(tail)
-                yield TokenEvent(None, tail, s.index)
-            yield DoneEvent(
-                finish_reason=s.reason or "cancelled",
-                usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out)),
-                timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
-                text="".join(s.text), tokens=s.out, index=s.index)
-    finally:
-        if cancel is not None:
-            ctx._restore_abort()
-        ctx._release()
-
-
+            for ev in _done(s, perf, error):
+                if isinstance(ev, DoneEvent):
+                    done.append(ev)
+                yield ev
+    if error is not None:
+        try:
+            error.done = done  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        raise error
 def _check_fit(ctx: Context, tokens: np.ndarray, index: int = 0) -> None:
     if tokens.size >= ctx.n_ctx_seq:
         raise ContextOverflowError(
@@ -357,7 +431,7 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
     ``ignore_eog`` keeps going past end-of-generation tokens (benchmarks).
     """
     tokens = render_prompt(ctx, prompt, messages, template, add_special, parse_special)
-    ctx.memory._check_seq(seq_id)
+    ctx.check_seq(seq_id)
     _check_fit(ctx, tokens)
     if max_tokens < 1:
         raise InvalidInputError("max_tokens must be >= 1")
@@ -382,6 +456,8 @@ def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | 
     if n > ctx.n_seq_max or n > ctx.n_batch:
         raise InvalidInputError(f"{n} prompts but the context has n_seq_max={ctx.n_seq_max}, n_batch={ctx.n_batch}")
     limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+    if isinstance(stop, str):
+        stop = [stop]
     stops = list(stop) if stop and not isinstance(next(iter(stop)), str) else [list(stop)] * n
     if len(limits) != n or len(stops) != n:
         raise InvalidInputError("max_tokens and stop must give one value per prompt")
@@ -414,7 +490,7 @@ def generate_after(ctx: Context, n_past: int | None = None, *, prefill: Callable
     ``timings.ttft_s`` counts it). ``n_prompt`` (default ``n_past``) is reported as
     ``usage.prompt_tokens``. The sequence is not reused as a text prefix afterwards.
     """
-    ctx.memory._check_seq(seq_id)
+    ctx.check_seq(seq_id)
     if (n_past is None) == (prefill is None):
         raise InvalidInputError("give n_past or prefill")
     if n_past is not None and not 0 < n_past < ctx.n_ctx_seq:
@@ -434,5 +510,6 @@ def complete(ctx: Context, prompt: Prompt | None = None, **kwargs) -> DoneEvent:
     for ev in generate(ctx, prompt, **kwargs):
         if isinstance(ev, DoneEvent):
             done = ev
-    assert done is not None
+    if done is None:
+        raise LlamaError("generation ended without a result")
     return done

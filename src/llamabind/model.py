@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, Iterable, Mapping
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import _params
 from ._handle import Handle
 from .binding import ffi, lib, take_errors
-from .errors import InvalidInputError, ModelLoadError, ModelNotFoundError
+from .errors import ClosedError, InvalidInputError, ModelLoadError, ModelNotFoundError
 from .gguf_check import check_gguf
 from .vocab import Vocab
 
@@ -114,7 +117,41 @@ class Model(Handle):
             raise ModelLoadError(f"llama.cpp could not load {path}: {reason}")
         super().__init__(ptr, lib.llama_model_free)
         self.path = path
-        self.vocab = Vocab(self)
+        self._lock = threading.RLock()
+        self._closing = False
+        self._vocab: weakref.ref[Vocab] | None = None
+        self._pieces: dict[bool, dict[int, tuple[bytes, bool]]] = {False: {}, True: {}}  # see Vocab
+
+    @property
+    def vocab(self) -> Vocab:
+        """The model's vocabulary (it keeps the model alive; the model does not keep it)."""
+        v = self._vocab() if self._vocab is not None else None
+        if v is None:
+            v = Vocab(self)
+            self._vocab = weakref.ref(v)
+        return v
+
+    @contextmanager
+    def hold(self) -> Iterator["Model"]:
+        """Hold the model's lock: it is not closed meanwhile (re-entrant); ClosedError once closing."""
+        with self._lock:
+            if self._closing:
+                raise ClosedError("the model is being closed")
+            self.ptr  # ClosedError first
+            yield self
+
+    def close(self) -> None:
+        """Free the model: its contexts and adapters first (each waits for a running decode)."""
+        if self._ptr is None:
+            return
+        with self._lock:
+            self._closing = True  # no new contexts or adapters from here on
+        # Children close without the model lock held: a decode loop holding its context may need
+        # the model (a vocab call) before it lets go; it gets ClosedError instead of a deadlock.
+        for child in list(self._children):
+            child.close()
+        with self._lock:
+            super().close()
 
     # -- facts -------------------------------------------------------------------------------
     n_ctx_train = property(lambda self: lib.llama_model_n_ctx_train(self.ptr), doc="training context length")
@@ -229,12 +266,20 @@ class LoraAdapter(Handle):
         path = _check_path(path, "LoRA adapter")
         check_gguf(path)
         take_errors()
-        ptr = lib.llama_adapter_lora_init(model.ptr, path.encode())
+        with model.hold():
+            ptr = lib.llama_adapter_lora_init(model.ptr, path.encode())
         if ptr == ffi.NULL:
             raise ModelLoadError(f"could not load LoRA adapter {path}: {take_errors() or 'see log'}")
         super().__init__(ptr, lib.llama_adapter_lora_free, parent=model)
         self.model = model
         self.path = path
+        self._users: weakref.WeakSet[Any] = weakref.WeakSet()  # contexts that apply this adapter
+
+    def close(self) -> None:
+        """Free the adapter, after taking it out of every context that applies it."""
+        for ctx in list(self._users):
+            ctx._drop_lora(self)
+        super().close()
 
 
 def _load_mode(use_mmap: bool | None, use_mlock: bool) -> int | None:

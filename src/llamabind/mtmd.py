@@ -526,11 +526,8 @@ def eval_chunks(ctx: Context, chunks: Chunks, n_past: int = 0, seq_id: int = 0, 
     """
     n_batch = ctx.n_batch if n_batch is None else int(n_batch)
     _check_eval(ctx, chunks, n_past, seq_id, n_batch)
-    ctx._acquire()  # a generation running on this context is refused (BusyError)
-    try:
+    with ctx.lease():  # a generation running on this context is refused (BusyError)
         return _eval(ctx, chunks, n_past, seq_id, n_batch, logits_last, cancel)
-    finally:
-        ctx._release()
 
 
 def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, logits_last: bool,
@@ -540,17 +537,17 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
     new_n_past = ffi.new("llama_pos *", n_past)
     ctx.memory.seq_rm(seq_id, n_past, -1)
     take_errors()
-    with ctx._lock, mctx._lock:
+    with ctx.hold(), mctx._lock:
         cptr = ctx.ptr
-        ctx._abort_flag[0] = 0
+        ctx.abort_flag_clear()
         if cancel is not None:
-            lib.llama_set_abort_callback(cptr, ffi.addressof(lib, "_llamabind_flag_abort"), cancel._flag)
+            ctx.use_abort_flag(cancel.flag)
         try:
             rc = lib.mtmd_helper_eval_chunks(mctx.ptr, cptr, chunks.ptr, n_past, seq_id, n_batch,
                                              bool(logits_last), new_n_past)
         finally:
             if cancel is not None:
-                ctx._restore_abort()
+                ctx.restore_abort()
     if rc != 0:
         reason = take_errors()
         ctx.memory.seq_rm(seq_id, n_past, -1)  # drop whatever the failed evaluation wrote
@@ -561,7 +558,7 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
         if rc == 1:
             raise KVCacheFullError(f"mtmd_helper_eval_chunks: no KV-cache slot for the batch: {reason}", rc)
         raise DecodeError(f"mtmd_helper_eval_chunks failed with code {rc}: {reason or 'see the llamabind log'}", rc)
-    ctx.mark_outputs(1 if logits_last else 0)
+    ctx.set_outputs(1 if logits_last else 0)
     return int(new_n_past[0])
 
 

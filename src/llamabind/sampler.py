@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,17 +24,39 @@ def _seed(seed: int | None) -> int:
     return DEFAULT_SEED if seed is None else int(seed) & 0xFFFFFFFF
 
 
+class _Err(threading.local):
+    """A per-thread buffer for the reason the shim reports."""
+
+    def __init__(self) -> None:
+        self.buf = ffi.new("char[512]")
+
+    def text(self) -> str:
+        return ffi.string(self.buf).decode("utf-8", "replace")
+
+
+_err = _Err()
+
+
 class Sampler(Handle):
     """One llama.cpp sampler. Build it with the class methods; combine with ``Sampler.chain``.
 
     A sampler added to a chain is owned by the chain from then on (closing the chain frees it).
+    Sampling, accepting and applying go through llamabind's shim: a sampler that selects no
+    token, a token a grammar rejects, or a C++ exception inside llama.cpp becomes
+    InvalidInputError. After a grammar failed that way the sampler refuses work until ``reset()``.
     """
 
-    def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = ()) -> None:
+    def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = (), n_vocab: int | None = None,
+                 error: str | None = None) -> None:
         if ptr == ffi.NULL:
-            raise InvalidInputError(f"could not create {what}: {take_errors() or 'invalid parameters'}")
+            raise InvalidInputError(f"could not create {what}: {error or take_errors() or 'invalid parameters'}")
         super().__init__(ptr, lib.llama_sampler_free)
         self._keep = list(keep)  # Python objects the C sampler points into
+        self._what = what
+        self._n_vocab = n_vocab  # vocabulary size where the sampler knows its vocab
+        self._grammars: list[Any] = [ptr] if what in ("grammar", "lazy grammar") else []
+        self._py: list[PySampler] = [k for k in keep if isinstance(k, PySampler)]
+        self._failed: str | None = None
         # Pure greedy (alone or as the only member of a chain): the arg-max of the logits, taken
         # without building llama.cpp's candidate array (about 1 ms per token for 262k tokens).
         self._greedy = what == "greedy"
@@ -98,23 +121,35 @@ class Sampler(Handle):
     @classmethod
     def grammar(cls, vocab: "Vocab", grammar: str, root: str = "root") -> "Sampler":
         """Constrain output to a GBNF grammar; a malformed grammar raises InvalidInputError."""
-        if not isinstance(grammar, str) or not grammar.strip():
-            raise InvalidInputError("grammar must be a non-empty GBNF string")
-        take_errors()
-        return cls(lib.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), root.encode()), "grammar")
+        return cls._grammar(vocab, grammar, root, False, (), ())
 
     @classmethod
     def grammar_lazy(cls, vocab: "Vocab", grammar: str, root: str = "root",
                      trigger_patterns: Iterable[str] = (), trigger_tokens: Iterable[int] = ()) -> "Sampler":
-        """A grammar that applies only once a trigger pattern or token appears."""
-        pats = [ffi.new("char[]", p.encode()) for p in trigger_patterns]
+        """A grammar that applies only once a trigger pattern (a regular expression) or token appears."""
+        return cls._grammar(vocab, grammar, root, True, trigger_patterns, trigger_tokens)
+
+    @classmethod
+    def _grammar(cls, vocab: "Vocab", grammar: str, root: str, lazy: bool, trigger_patterns: Iterable[str],
+                 trigger_tokens: Iterable[int]) -> "Sampler":
+        if not isinstance(grammar, str) or not grammar.strip() or "\0" in grammar:
+            raise InvalidInputError("grammar must be a non-empty GBNF string")
+        if not isinstance(root, str) or not root or "\0" in root:
+            raise InvalidInputError("grammar root must be a non-empty rule name")
+        patterns = list(trigger_patterns)
+        if not all(isinstance(p, str) and "\0" not in p for p in patterns):
+            raise InvalidInputError("trigger patterns must be strings")
+        pats = [ffi.new("char[]", p.encode()) for p in patterns]
         toks = np.ascontiguousarray(list(trigger_tokens), dtype=np.int32)
         vocab.check_tokens(toks)
         take_errors()
-        ptr = lib.llama_sampler_init_grammar_lazy_patterns(
-            vocab.ptr, grammar.encode(), root.encode(), ffi.new("const char *[]", pats) if pats else ffi.NULL,
-            len(pats), ffi.from_buffer("llama_token[]", toks) if toks.size else ffi.NULL, toks.size)
-        return cls(ptr, "lazy grammar")
+        ptr = lib.llamabind_sampler_init_grammar(
+            vocab.ptr, grammar.encode(), root.encode(), lazy, ffi.new("const char *[]", pats) if pats else ffi.NULL,
+            len(pats), ffi.from_buffer("llama_token[]", toks) if toks.size else ffi.NULL, toks.size,
+            _err.buf, 512)
+        logged = take_errors() if ptr == ffi.NULL else ""
+        error = None if ptr != ffi.NULL else _err.text() + (f" ({logged})" if logged else "")
+        return cls(ptr, "lazy grammar" if lazy else "grammar", n_vocab=vocab.n_tokens, error=error)
 
     @classmethod
     def penalties(cls, last_n: int = 64, repeat: float = 1.0, frequency: float = 0.0,
@@ -132,7 +167,7 @@ class Sampler(Handle):
         brk = [ffi.new("char[]", b.encode()) for b in breakers]
         arr = ffi.new("const char *[]", brk) if brk else ffi.NULL
         ptr = lib.llama_sampler_init_dry(vocab.ptr, multiplier, base, allowed_length, penalty_last_n, arr, len(brk))
-        return cls(ptr, "dry")
+        return cls(ptr, "dry", n_vocab=vocab.n_tokens)
 
     @classmethod
     def logit_bias(cls, n_vocab: int, bias: Mapping[int, float]) -> "Sampler":
@@ -142,12 +177,14 @@ class Sampler(Handle):
             if not 0 <= tok < n_vocab:
                 raise InvalidInputError(f"logit bias token {tok} out of range [0, {n_vocab})")
         arr = ffi.new("llama_logit_bias[]", [{"token": t, "bias": b} for t, b in items] or 1)
-        return cls(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "logit_bias")
+        return cls(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "logit_bias", n_vocab=n_vocab)
 
     @classmethod
     def infill(cls, vocab: "Vocab") -> "Sampler":
-        """Fill-in-the-middle helper sampler (after top-k/top-p)."""
-        return cls(lib.llama_sampler_init_infill(vocab.ptr), "infill")
+        """Fill-in-the-middle helper sampler (after top-k/top-p); the vocab needs an EOT or EOS token."""
+        if vocab.eot is None and vocab.eos is None:
+            raise InvalidInputError("the infill sampler needs a vocabulary with an EOT or EOS token")
+        return cls(lib.llama_sampler_init_infill(vocab.ptr), "infill", n_vocab=vocab.n_tokens)
 
     @classmethod
     def chain(cls, *samplers: "Sampler", no_perf: bool = True) -> "Sampler":
@@ -191,18 +228,27 @@ class Sampler(Handle):
     # -- use ---------------------------------------------------------------------------------
     def add(self, sampler: "Sampler") -> None:
         """Append ``sampler`` to this chain (ownership moves to the chain)."""
-        if lib.llama_sampler_chain_get(self.ptr, -1) == ffi.NULL:
-            raise InvalidInputError("add() needs a chain sampler")
+        if self._what != "chain":
+            raise InvalidInputError(f"add() needs a chain sampler, not {self._what}")
         if sampler is self:
             raise InvalidInputError("a chain cannot contain itself")
         lib.llama_sampler_chain_add(self.ptr, sampler.ptr)
         self._keep.append(sampler._keep)
+        self._grammars += sampler._grammars
+        self._py += sampler._py
+        if sampler._n_vocab is not None:
+            self._n_vocab = sampler._n_vocab
         self._greedy = len(self) == 1 and sampler._greedy
         sampler._detach()
 
     def __len__(self) -> int:
-        n = lib.llama_sampler_chain_n(self.ptr)
-        return max(n, 0)
+        """Number of samplers in a chain (TypeError for a single sampler)."""
+        if self._what != "chain":
+            raise TypeError(f"a {self._what} sampler is not a chain and has no length")
+        return max(lib.llama_sampler_chain_n(self.ptr), 0)
+
+    def __bool__(self) -> bool:
+        return True
 
     @property
     def name(self) -> str:
@@ -214,25 +260,70 @@ class Sampler(Handle):
 
     def sample(self, ctx: "Context", idx: int = -1) -> int:
         """Sample (and accept) a token from output row ``idx`` of the context's last decode."""
-        ctx._output_index(idx)
-        return sample_fast(self, ctx.ptr, idx, ctx.n_vocab)
+        with ctx.lease():
+            ctx._output_index(idx)
+            return sample_fast(self, ctx.ptr, idx, ctx.n_vocab)
+
+    def _check_token_ids(self, ids: np.ndarray) -> None:
+        bad = ids < 0 if self._n_vocab is None else (ids < 0) | (ids >= self._n_vocab)
+        if bad.any():
+            raise InvalidInputError(f"token id {int(ids[bad][0])} out of range for this sampler's vocabulary")
+
+    def _usable(self) -> Any:
+        ptr = self.ptr
+        if self._failed is not None:
+            raise InvalidInputError(f"this sampler failed earlier ({self._failed}); call reset() first")
+        return ptr
+
+    def _raised(self, rc_failed: bool) -> None:
+        """After a shim call: re-raise a Python sampler's exception, else turn a failure into InvalidInputError."""
+        for py in self._py:
+            if py._error is not None:
+                error, py._error = py._error, None
+                raise error
+        if rc_failed:
+            reason = _err.text()
+            if self._grammars:
+                self._failed = reason
+            raise InvalidInputError(f"{self._what} sampler: {reason}")
 
     def accept(self, token: int) -> None:
-        """Tell the sampler a token was chosen (penalties, grammar and mirostat state)."""
-        lib.llama_sampler_accept(self.ptr, token)
+        """Tell the sampler a token was chosen (penalties, grammar and mirostat state).
+
+        A token that a grammar in the sampler does not allow now (including an end-of-generation
+        token before the grammar is complete) raises InvalidInputError and changes nothing.
+        """
+        ptr = self._usable()
+        token = int(token)
+        self._check_token_ids(np.array([token]))
+        if self._grammars:
+            one = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
+            arr = _token_array(one)
+            for g in self._grammars:
+                if lib.llamabind_sampler_apply(g, arr, _err.buf, 512) != 0:
+                    self._raised(True)
+                if one["logit"][0] == -np.inf:
+                    raise InvalidInputError(f"the grammar does not accept token {token} here")
+        self._raised(lib.llamabind_sampler_accept(ptr, token, _err.buf, 512) != 0)
 
     def apply(self, candidates: np.ndarray) -> int:
         """Apply to a TOKEN_DATA array in place; returns the selected index (-1 if none)."""
-        if candidates.dtype != TOKEN_DATA or not candidates.flags.c_contiguous:
+        if not isinstance(candidates, np.ndarray) or candidates.dtype != TOKEN_DATA or not candidates.flags.c_contiguous:
             raise InvalidInputError("candidates must be a contiguous array of dtype sampler.TOKEN_DATA")
-        arr = ffi.new("llama_token_data_array *", {
-            "data": ffi.cast("llama_token_data *", candidates.ctypes.data), "size": candidates.size,
-            "selected": -1, "sorted": False})
-        lib.llama_sampler_apply(self.ptr, arr)
+        if candidates.ndim != 1 or candidates.size == 0:
+            raise InvalidInputError("candidates must be a non-empty one-dimensional array")
+        if not candidates.flags.writeable:
+            raise InvalidInputError("candidates must be writeable (the sampler edits them in place)")
+        ptr = self._usable()
+        self._check_token_ids(candidates["id"])
+        arr = _token_array(candidates)
+        self._raised(lib.llamabind_sampler_apply(ptr, arr, _err.buf, 512) != 0)
         return int(arr.selected)
 
     def reset(self) -> None:
+        """Back to the initial state (a failed grammar starts over)."""
         lib.llama_sampler_reset(self.ptr)
+        self._failed = None
 
     def clone(self) -> "Sampler":
         """An independent copy with the same state (not for chains holding Python samplers)."""
@@ -241,15 +332,28 @@ class Sampler(Handle):
         return Sampler(lib.llama_sampler_clone(self.ptr), "clone")
 
 
+def _token_array(candidates: np.ndarray) -> Any:
+    return ffi.new("llama_token_data_array *", {
+        "data": ffi.cast("llama_token_data *", candidates.ctypes.data), "size": candidates.size,
+        "selected": -1, "sorted": False})
+
+
 def sample_fast(sampler: Sampler, cptr, idx: int, n_vocab: int) -> int:
-    """llama_sampler_sample, with greedy samplers over large vocabularies reduced to a numpy
-    arg-max over the logits view (same result: the first maximum)."""
+    """Sample and accept a token from output row ``idx`` of the context ``cptr`` (held by the caller).
+
+    Greedy samplers over large vocabularies are a numpy arg-max over the logits (the first
+    maximum, as llama.cpp's); the rest go through the shim's checked llama_sampler_sample.
+    """
     if sampler._greedy and n_vocab >= 16384:
         p = lib.llama_get_logits_ith(cptr, idx)
         if p == ffi.NULL:
             raise InvalidInputError(f"no logits for batch row {idx}: {take_errors()}")
         return int(np.argmax(np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32)))
-    return lib.llama_sampler_sample(sampler.ptr, cptr, idx)
+    tok = lib.llamabind_sampler_sample(sampler._usable(), cptr, idx, _err.buf, 512)
+    if tok < 0:
+        take_errors()
+    sampler._raised(tok < 0)
+    return tok
 
 
 class TokenDataArray:
@@ -291,11 +395,13 @@ class PySampler:
     """Base class for samplers written in Python; ``as_sampler()`` makes a llama.cpp sampler.
 
     Override ``apply(cur)`` (required: edit ``cur.data`` logits in place, or set
-    ``cur.selected``), and optionally ``accept(token)`` and ``reset()``. Exceptions raised
-    inside are logged and leave the candidates unchanged; they never cross into C.
+    ``cur.selected``), and optionally ``accept(token)`` and ``reset()``. An exception raised
+    inside never crosses into C: the candidates stay unchanged and the exception is raised
+    to whoever sampled, once llama.cpp has returned.
     """
 
     name = "python"
+    _error: BaseException | None = None
 
     def apply(self, cur: TokenDataArray) -> None:
         raise NotImplementedError
@@ -307,14 +413,13 @@ class PySampler:
         pass
 
     def as_sampler(self) -> Sampler:
-        from .binding import logger
-
         def guard(fn):
             def call(*args):
                 try:
                     fn(*args)
-                except Exception:
-                    logger.exception("Python sampler %s failed", self.name)
+                except BaseException as e:  # raised to the caller once back in Python
+                    if self._error is None:
+                        self._error = e
             return call
 
         name = ffi.new("char[]", self.name.encode())
@@ -328,4 +433,4 @@ class PySampler:
         }
         iface = ffi.new("struct llama_sampler_i *", cbs)
         handle = ffi.new_handle(self)
-        return Sampler(lib.llama_sampler_init(iface, handle), "python sampler", keep=[name, cbs, iface, handle])
+        return Sampler(lib.llama_sampler_init(iface, handle), "python sampler", keep=[self, name, cbs, iface, handle])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import threading
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -39,11 +40,10 @@ class Vocab:
     """The vocabulary of a loaded model (``model.vocab``); valid while the model is open."""
 
     def __init__(self, model: "Model") -> None:
-        self._model = model
+        self._model = model  # keeps the model alive while the vocab is in use
         self._vptr = lib.llama_model_get_vocab(model.ptr)
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
-        self._piece = ffi.new("char[]", 256)
-        self._pieces: dict[bool, dict[int, tuple[bytes, bool]]] = {False: {}, True: {}}
+        self._pieces = model._pieces  # token pieces never change: one cache per model
         # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
         wpm = lib.llama_vocab_type(self._vptr) == lib.LLAMA_VOCAB_TYPE_WPM
         no_bos = lib.llama_vocab_bos(self._vptr) == TOKEN_NULL
@@ -65,6 +65,14 @@ class Vocab:
     def type(self) -> int:
         return lib.llama_vocab_type(self.ptr)
 
+    def check_token(self, token: int) -> int:
+        """``token`` as an int, or InvalidInputError unless it is in [0, n_tokens)."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise InvalidInputError(f"token id must be an int, not {type(token).__name__}")
+        if not 0 <= token < self.n_tokens:
+            raise InvalidInputError(f"token id {token} out of range [0, {self.n_tokens})")
+        return int(token)
+
     def check_tokens(self, tokens: np.ndarray) -> None:
         """Raise InvalidInputError if any token id is outside [0, n_tokens)."""
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_tokens):
@@ -74,18 +82,21 @@ class Vocab:
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> np.ndarray:
         """Tokenize UTF-8 text into an int32 array of token ids."""
         data = _encode(text)
-        vptr = self.ptr
         if add_special and not self._can_add_special:
             raise InvalidInputError("this vocabulary lacks the BOS/SEP tokens it would add: use add_special=False")
+        if len(data) >= 2**31 - 16:
+            raise InvalidInputError("text too long to tokenize")
         out = np.empty(len(data) + 8, dtype=np.int32)
-        n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
-                               add_special, parse_special)
-        if n < 0:
-            if n == np.iinfo(np.int32).min:
-                raise InvalidInputError("text too long to tokenize")
-            out = np.empty(-n, dtype=np.int32)
+        with self._model.hold():
+            vptr = self.ptr
             n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
                                    add_special, parse_special)
+            if n < 0:
+                if n == np.iinfo(np.int32).min:
+                    raise InvalidInputError("text too long to tokenize")
+                out = np.empty(-n, dtype=np.int32)
+                n = lib.llama_tokenize(vptr, data, len(data), ffi.from_buffer("llama_token[]", out), len(out),
+                                       add_special, parse_special)
         return out[:n]
 
     def detokenize(self, tokens: Iterable[int] | np.ndarray, remove_special: bool = False,
@@ -98,12 +109,12 @@ class Vocab:
         """Raw bytes of ``tokens`` (may end inside a multi-byte character)."""
         arr = as_tokens(tokens)
         self.check_tokens(arr)
-        vptr = self.ptr
         size = max(16, arr.size * 8)
         for _ in range(2):
             buf = ffi.new("char[]", size)
-            n = lib.llama_detokenize(vptr, ffi.from_buffer("llama_token[]", arr), arr.size, buf, size,
-                                     remove_special, unparse_special)
+            with self._model.hold():
+                n = lib.llama_detokenize(self.ptr, ffi.from_buffer("llama_token[]", arr), arr.size, buf, size,
+                                         remove_special, unparse_special)
             if n >= 0:
                 return ffi.unpack(buf, n)
             size = -n
@@ -111,26 +122,27 @@ class Vocab:
 
     def token_to_piece(self, token: int, special: bool = True) -> bytes:
         """The bytes of one token (special tokens rendered as text when ``special``)."""
-        if not 0 <= token < self.n_tokens:
-            raise InvalidInputError(f"token id {token} out of range [0, {self.n_tokens})")
-        n = lib.llama_token_to_piece(self.ptr, token, self._piece, 256, 0, special)
-        if n < 0:
-            buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self._vptr, token, buf, -n, 0, special)
-            return ffi.unpack(buf, n)
-        return ffi.unpack(self._piece, n)
+        token = self.check_token(token)
+        buf = ffi.new("char[]", 256)  # per call: a Vocab is shared by threads
+        with self._model.hold():
+            n = lib.llama_token_to_piece(self.ptr, token, buf, 256, 0, special)
+            if n < 0:
+                buf = ffi.new("char[]", -n)
+                n = lib.llama_token_to_piece(self._vptr, token, buf, -n, 0, special)
+        return ffi.unpack(buf, n)
 
     def text(self, token: int) -> str:
         """The token's text as stored in the vocabulary."""
-        self.check_tokens(as_tokens([token]))
-        return ffi.string(lib.llama_vocab_get_text(self.ptr, token)).decode("utf-8", "replace")
+        token = self.check_token(token)
+        with self._model.hold():
+            return ffi.string(lib.llama_vocab_get_text(self.ptr, token)).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (eos, eot, ...)."""
-        return bool(lib.llama_vocab_is_eog(self.ptr, token))
+        return bool(lib.llama_vocab_is_eog(self.ptr, self.check_token(token)))
 
     def is_control(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_control(self.ptr, token))
+        return bool(lib.llama_vocab_is_control(self.ptr, self.check_token(token)))
 
     def _special(self, fn) -> int | None:
         tok = fn(self.ptr)
@@ -163,23 +175,23 @@ class Vocab:
 class Detokenizer:
     """Turns tokens into text one at a time; incomplete UTF-8 sequences wait for the next token."""
 
-    __slots__ = ("_vocab", "_special", "_pieces", "_decode", "_decoder")
+    __slots__ = ("_vocab", "_special", "_pieces", "feed_piece", "_decoder")
 
     def __init__(self, vocab: Vocab, special: bool = False) -> None:
         self._vocab = vocab
         self._special = special
         self._pieces = vocab._pieces[special]
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._decode = self._decoder.decode
+        self.feed_piece = self._decoder.decode  # text completed by a token's bytes (from ``entry``)
 
     def entry(self, token: int) -> tuple[bytes, bool]:
-        """(the token's bytes, whether it ends generation), from the vocab's cache."""
+        """(the token's bytes, whether it ends generation), from the model's cache."""
         e = self._pieces.get(token)
         return e if e is not None else self._vocab._piece_entry(token, self._special)
 
     def feed(self, token: int) -> str:
         """Text completed by ``token`` ("" while a character is still incomplete)."""
-        return self._decode(self.entry(token)[0])
+        return self.feed_piece(self.entry(token)[0])
 
     def flush(self) -> str:
         """Whatever is left; an incomplete trailing character becomes U+FFFD."""
