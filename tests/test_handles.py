@@ -149,13 +149,13 @@ def test_decode_and_logits_view(gemma_ctx):
     assert logits.flags.owndata  # its own memory: llama.cpp reuses its buffer at the next decode
     kept = logits.copy()
     assert np.array_equal(logits, gemma_ctx.logits(-1))
+    with pytest.raises(lb.InvalidInputError, match="no logits"):
+        gemma_ctx.logits(0)  # row 0 did not ask for logits
     b2 = lb.Batch(8)
     b2.add(v.tokenize(" Paris", add_special=False), len(toks), 0)
     gemma_ctx.decode(b2)
     assert np.array_equal(logits, kept)  # unchanged by the next decode
     assert v.token_to_piece(int(np.argmax(logits))).strip() != b""
-    with pytest.raises(lb.InvalidInputError, match="no logits"):
-        gemma_ctx.logits(0)  # row 0 did not ask for logits
 
 
 def test_batch_validation(gemma_ctx):

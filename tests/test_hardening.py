@@ -124,7 +124,7 @@ CASES = {
     """,
     "encode_or_noncausal_beyond_n_ubatch": """
         b = lb.Batch(64); b.add(np.resize(model.vocab.tokenize("hi there"), 40), 0, 0)
-        refused(lambda: ctx.encode(b), InvalidInputError, "n_ubatch")
+        refused(lambda: ctx.encode(b), InvalidInputError, "no encoder")
         ctx.set_causal_attn(False)
         refused(lambda: ctx.decode(b), InvalidInputError, "n_ubatch")
         ctx.set_causal_attn(True)

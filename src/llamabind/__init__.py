@@ -12,6 +12,7 @@ from .errors import (
     ClosedError,
     ContextOverflowError,
     DecodeError,
+    InputNotFoundError,
     InvalidInputError,
     KVCacheFullError,
     LlamaError,
@@ -45,6 +46,6 @@ __all__ = [
     "Sampler", "PySampler", "TokenDataArray", "Embedder", "Reranker", "RerankResult",
     "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",
-    "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
+    "InputNotFoundError", "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
     "ModelNotFoundError", "MtmdError",
 ]

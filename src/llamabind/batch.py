@@ -120,7 +120,10 @@ class Batch:
             if pos.shape != (n,):
                 raise InvalidInputError(f"positions must have shape ({n},), got {pos.shape}")
             self.pos[rows] = pos
-        seqs = np.atleast_1d(np.asarray(seq_id, dtype=np.int32))
+        try:
+            seqs = np.atleast_1d(np.asarray(seq_id, dtype=np.int32))
+        except (OverflowError, TypeError, ValueError):
+            raise InvalidInputError(f"sequence ids must be int32 values, not {seq_id!r}") from None
         if seqs.ndim != 1 or not 1 <= seqs.size <= self.n_seq_max:
             raise InvalidInputError(f"a token belongs to 1..{self.n_seq_max} sequences, got {seqs.size}")
         self.seq_id[rows, : seqs.size] = seqs
@@ -143,5 +146,11 @@ class Batch:
 
     def struct(self):
         """The ``llama_batch`` value to pass to llama_decode (valid while this object lives)."""
+        for a, dtype, ndim in ((self._token, np.int32, 1), (self._pos, np.int32, 1), (self._n_seq_id, np.int32, 1),
+                               (self._seq_id, np.int32, 2), (self._logits, np.int8, 1)):
+            if a.dtype != dtype or a.ndim != ndim or a.shape[0] != self.capacity:
+                raise InvalidInputError("a batch array was re-typed or reshaped: write into it, never change it")
+        if self._seq_id.shape[1] != self.n_seq_max or (self._embd is not None and self._embd.dtype != np.float32):
+            raise InvalidInputError("a batch array was re-typed or reshaped: write into it, never change it")
         self._struct.n_tokens = self._n_tokens
         return self._struct[0]

@@ -14,7 +14,7 @@ from . import _params
 from ._handle import Handle
 from .batch import Batch
 from .binding import ffi, lib, take_errors
-from .errors import BusyError, InvalidInputError, LlamaError, ModelLoadError, check_decode
+from .errors import BusyError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError, check_decode
 from .memory import CachedTokens, Memory
 from .model import LoraAdapter, Model
 
@@ -94,6 +94,10 @@ class Context(Handle):
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: int | None = None, n_threads_batch: int | None = None,
                  embeddings: bool = False, **params: Any) -> None:
+        if not isinstance(model, Model):
+            raise InvalidInputError(f"Context needs a Model, not {type(model).__name__}")
+        if model.vocab_only:
+            raise InvalidInputError("this model was loaded with vocab_only=True: it has no weights to run")
         threads = n_threads or os.cpu_count() or 4
         values = {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": min(n_ubatch, n_batch),
                   "n_seq_max": n_seq_max, "n_threads": threads,
@@ -270,6 +274,7 @@ class Context(Handle):
         self.ptr  # raises ClosedError first
         if not isinstance(batch, Batch):
             raise InvalidInputError(f"expected a Batch, not {type(batch).__name__}")
+        batch.struct()  # its arrays are still what the C struct points at
         n = batch.n_tokens
         if n == 0:
             raise InvalidInputError("empty batch")
@@ -301,6 +306,8 @@ class Context(Handle):
     def encode(self, batch: Batch) -> None:
         """Run the encoder on ``batch`` (encoder models: BERT, T5 ...); it must fit in one ubatch."""
         with self.hold():
+            if not self.model.has_encoder and lib.llama_get_memory(self.ptr) != ffi.NULL:
+                raise InvalidInputError("this model has no encoder: use decode()")
             self._check_batch(batch, encode=True)
             self._check_owner()
             self.run(batch, encode=True)
@@ -482,7 +489,7 @@ class Context(Handle):
         """Load a state file; returns the tokens saved with it, which ``generate`` then reuses
         as the cached prefix of sequence 0."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"state file not found: {path}")
+            raise InputNotFoundError(f"state file not found: {path}")
         cap = max_tokens or self.n_ctx
         if cap < 1:
             raise InvalidInputError("max_tokens must be >= 1")

@@ -5,6 +5,7 @@
     ├── ModelLoadError         a model or adapter file that cannot be loaded
     │   └── ModelNotFoundError     the path does not exist (also a FileNotFoundError)
     ├── InvalidInputError      bad tokens, text, grammar, batch, image ... (also a ValueError)
+    │   ├── InputNotFoundError     an input file (state, media) does not exist (also a FileNotFoundError)
     │   └── ContextOverflowError   more tokens than the context (or sequence) holds
     ├── DecodeError            llama_decode/llama_encode failed (``code`` holds the return value)
     │   ├── KVCacheFullError       no room in the KV cache for the batch (code 1)
@@ -34,6 +35,10 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
 
 class InvalidInputError(LlamaError, ValueError):
     """Input that llama.cpp would reject or crash on: checked before calling it."""
+
+
+class InputNotFoundError(InvalidInputError, FileNotFoundError):
+    """A file given as input (a state file, an image) does not exist."""
 
 
 class ContextOverflowError(InvalidInputError):

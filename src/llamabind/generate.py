@@ -411,6 +411,15 @@ def _run(ctx: Context, seqs: list[_Seq], *, reuse_cache: bool, cancel: Cancel | 
         except AttributeError:
             pass
         raise error
+def _check_ctx(ctx: Context, max_tokens: int | Sequence[int]) -> None:
+    """What every generation needs of its context before anything runs."""
+    if not ctx.causal_attn or not ctx.model.has_decoder:
+        raise InvalidInputError("generation needs a decoder with causal attention (set_causal_attn(True))")
+    for m in ([max_tokens] if isinstance(max_tokens, int) else list(max_tokens)):
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise InvalidInputError(f"max_tokens must be an int >= 1, not {m!r}")
+
+
 def _check_fit(ctx: Context, tokens: np.ndarray, index: int = 0) -> None:
     if tokens.size >= ctx.n_ctx_seq:
         raise ContextOverflowError(
@@ -430,6 +439,7 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
     ContextOverflowError before anything is decoded. Greedy when ``sampler`` is None.
     ``ignore_eog`` keeps going past end-of-generation tokens (benchmarks).
     """
+    _check_ctx(ctx, max_tokens)
     tokens = render_prompt(ctx, prompt, messages, template, add_special, parse_special)
     ctx.check_seq(seq_id)
     _check_fit(ctx, tokens)
@@ -450,6 +460,7 @@ def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | 
     Each prompt has its own sampler (a list, or a factory called with the index; greedy by
     default), stop strings and token limit; events carry the prompt's ``index``.
     """
+    _check_ctx(ctx, max_tokens)
     if not prompts:
         raise InvalidInputError("no prompts")
     n = len(prompts)
@@ -490,6 +501,7 @@ def generate_after(ctx: Context, n_past: int | None = None, *, prefill: Callable
     ``timings.ttft_s`` counts it). ``n_prompt`` (default ``n_past``) is reported as
     ``usage.prompt_tokens``. The sequence is not reused as a text prefix afterwards.
     """
+    _check_ctx(ctx, max_tokens)
     ctx.check_seq(seq_id)
     if (n_past is None) == (prefill is None):
         raise InvalidInputError("give n_past or prefill")

@@ -92,6 +92,8 @@ class Memory:
         for name, v in (("p0", p0), ("p1", p1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise InvalidInputError(f"{name} must be an int position, not {type(v).__name__}")
+            if not -2**31 <= v < 2**31:
+                raise InvalidInputError(f"{name}={v} is outside the int32 positions")
         if p0 >= 0 and p1 >= 0 and p1 < p0:
             raise InvalidInputError(f"empty or reversed range [{p0}, {p1})")
 
@@ -153,6 +155,7 @@ class Memory:
     def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions [p0, p1) of a sequence by ``delta`` (needs ``can_shift``)."""
         self._check_shift(seq_id, p0, p1)
+        self._check_range(delta, -1)
         with self._ctx.hold():
             lib.llama_memory_seq_add(self.ptr, seq_id, p0, p1, delta)
             self._ctx._tokens.forget(seq_id)
@@ -160,6 +163,7 @@ class Memory:
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide positions [p0, p1) of a sequence by ``d`` (needs ``can_shift``)."""
         self._check_shift(seq_id, p0, p1)
+        self._check_range(d, -1)
         if d < 1:
             raise InvalidInputError("divisor must be >= 1")
         with self._ctx.hold():

@@ -117,6 +117,7 @@ class Model(Handle):
             raise ModelLoadError(f"llama.cpp could not load {path}: {reason}")
         super().__init__(ptr, lib.llama_model_free)
         self.path = path
+        self.vocab_only = bool(mparams.vocab_only)
         self._lock = threading.RLock()
         self._closing = False
         self._vocab: weakref.ref[Vocab] | None = None
@@ -221,7 +222,10 @@ class Model(Handle):
                 raise InvalidInputError(f"message {i} needs 'role' and 'content'") from None
             if not isinstance(role, str) or not isinstance(content, str):
                 raise InvalidInputError(f"message {i}: role and content must be str")
-            r, c = ffi.new("char[]", role.encode()), ffi.new("char[]", content.encode("utf-8", "strict"))
+            try:
+                r, c = ffi.new("char[]", role.encode()), ffi.new("char[]", content.encode("utf-8", "strict"))
+            except UnicodeEncodeError as e:
+                raise InvalidInputError(f"message {i} is not valid UTF-8 (lone surrogate at {e.start})") from None
             keep += [r, c]
             chat[i].role, chat[i].content = r, c
         ctmpl = tmpl.encode()

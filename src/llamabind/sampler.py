@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._handle import Handle
 from .binding import ffi, lib, take_errors
-from .errors import InvalidInputError
+from .errors import BusyError, InvalidInputError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -46,17 +47,22 @@ class Sampler(Handle):
     InvalidInputError. After a grammar failed that way the sampler refuses work until ``reset()``.
     """
 
-    def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = (), n_vocab: int | None = None,
-                 error: str | None = None) -> None:
+    def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = (), vocab: "Vocab | None" = None,
+                 error: str | None = None, n_vocab: int | None = None) -> None:
         if ptr == ffi.NULL:
             raise InvalidInputError(f"could not create {what}: {error or take_errors() or 'invalid parameters'}")
-        super().__init__(ptr, lib.llama_sampler_free)
+        # A sampler that reads a vocab is a child of its model: closing the model closes it first.
+        super().__init__(ptr, lib.llama_sampler_free, parent=vocab.model if vocab is not None else None)
         self._keep = list(keep)  # Python objects the C sampler points into
         self._what = what
-        self._n_vocab = n_vocab  # vocabulary size where the sampler knows its vocab
-        self._grammars: list[Any] = [ptr] if what in ("grammar", "lazy grammar") else []
+        self._vocab = vocab
+        self._n_vocab = vocab.n_tokens if vocab is not None else n_vocab  # where the sampler knows it
+        # Where the grammars are: () is this sampler, (i, ...) member i of this chain (and so on down).
+        self._grammar_paths: list[tuple[int, ...]] = [()] if what in ("grammar", "lazy grammar") else []
         self._py: list[PySampler] = [k for k in keep if isinstance(k, PySampler)]
         self._failed: str | None = None
+        self._lock = threading.RLock()  # one user at a time; close waits for a running sample
+        self._busy: int | None = None   # thread inside llama.cpp with this sampler
         # Pure greedy (alone or as the only member of a chain): the arg-max of the logits, taken
         # without building llama.cpp's candidate array (about 1 ms per token for 262k tokens).
         self._greedy = what == "greedy"
@@ -139,6 +145,10 @@ class Sampler(Handle):
         patterns = list(trigger_patterns)
         if not all(isinstance(p, str) and "\0" not in p for p in patterns):
             raise InvalidInputError("trigger patterns must be strings")
+        # llama.cpp's grammar parser and std::regex recurse per nesting level: a deep one overflows the stack
+        for what, text, limit in [("grammar", grammar, 2000)] + [("trigger pattern", p, 200) for p in patterns]:
+            if _nesting(text) > limit:
+                raise InvalidInputError(f"{what} nests deeper than {limit} levels")
         pats = [ffi.new("char[]", p.encode()) for p in patterns]
         toks = np.ascontiguousarray(list(trigger_tokens), dtype=np.int32)
         vocab.check_tokens(toks)
@@ -149,7 +159,7 @@ class Sampler(Handle):
             _err.buf, 512)
         logged = take_errors() if ptr == ffi.NULL else ""
         error = None if ptr != ffi.NULL else _err.text() + (f" ({logged})" if logged else "")
-        return cls(ptr, "lazy grammar" if lazy else "grammar", n_vocab=vocab.n_tokens, error=error)
+        return cls(ptr, "lazy grammar" if lazy else "grammar", vocab=vocab, error=error)
 
     @classmethod
     def penalties(cls, last_n: int = 64, repeat: float = 1.0, frequency: float = 0.0,
@@ -167,7 +177,7 @@ class Sampler(Handle):
         brk = [ffi.new("char[]", b.encode()) for b in breakers]
         arr = ffi.new("const char *[]", brk) if brk else ffi.NULL
         ptr = lib.llama_sampler_init_dry(vocab.ptr, multiplier, base, allowed_length, penalty_last_n, arr, len(brk))
-        return cls(ptr, "dry", n_vocab=vocab.n_tokens)
+        return cls(ptr, "dry", vocab=vocab)
 
     @classmethod
     def logit_bias(cls, n_vocab: int, bias: Mapping[int, float]) -> "Sampler":
@@ -184,7 +194,7 @@ class Sampler(Handle):
         """Fill-in-the-middle helper sampler (after top-k/top-p); the vocab needs an EOT or EOS token."""
         if vocab.eot is None and vocab.eos is None:
             raise InvalidInputError("the infill sampler needs a vocabulary with an EOT or EOS token")
-        return cls(lib.llama_sampler_init_infill(vocab.ptr), "infill", n_vocab=vocab.n_tokens)
+        return cls(lib.llama_sampler_init_infill(vocab.ptr), "infill", vocab=vocab)
 
     @classmethod
     def chain(cls, *samplers: "Sampler", no_perf: bool = True) -> "Sampler":
@@ -232,14 +242,17 @@ class Sampler(Handle):
             raise InvalidInputError(f"add() needs a chain sampler, not {self._what}")
         if sampler is self:
             raise InvalidInputError("a chain cannot contain itself")
-        lib.llama_sampler_chain_add(self.ptr, sampler.ptr)
-        self._keep.append(sampler._keep)
-        self._grammars += sampler._grammars
-        self._py += sampler._py
-        if sampler._n_vocab is not None:
-            self._n_vocab = sampler._n_vocab
-        self._greedy = len(self) == 1 and sampler._greedy
-        sampler._detach()
+        with self._lock, sampler._lock:
+            pos = len(self)
+            lib.llama_sampler_chain_add(self.ptr, sampler.ptr)
+            self._keep.append(sampler._keep)
+            self._grammar_paths += [(pos, *p) for p in sampler._grammar_paths]
+            self._py += sampler._py
+            if sampler._vocab is not None and self._vocab is None:
+                self._vocab, self._n_vocab = sampler._vocab, sampler._n_vocab
+                sampler._vocab.model._children.add(self)
+            self._greedy = pos == 0 and sampler._greedy
+            sampler._detach()
 
     def __len__(self) -> int:
         """Number of samplers in a chain (TypeError for a single sampler)."""
@@ -275,6 +288,33 @@ class Sampler(Handle):
             raise InvalidInputError(f"this sampler failed earlier ({self._failed}); call reset() first")
         return ptr
 
+    def _grammar_ptrs(self) -> list[Any]:
+        out = []
+        for path in self._grammar_paths:
+            p = self.ptr
+            for i in path:
+                p = lib.llama_sampler_chain_get(p, i)
+            out.append(p)
+        return out
+
+    @contextmanager
+    def _use(self) -> Iterator[Any]:
+        """Hold the sampler for one call into llama.cpp; yields its pointer."""
+        with self._lock:
+            ptr = self._usable()
+            self._busy = threading.get_ident()
+            try:
+                yield ptr
+            finally:
+                self._busy = None
+
+    def close(self) -> None:
+        """Free the sampler; from another thread this waits for a running sample."""
+        if self._busy == threading.get_ident():
+            raise BusyError("a sampler cannot be closed from inside its own sampling (a Python sampler's apply)")
+        with self._lock:
+            super().close()
+
     def _raised(self, rc_failed: bool) -> None:
         """After a shim call: re-raise a Python sampler's exception, else turn a failure into InvalidInputError."""
         for py in self._py:
@@ -283,7 +323,7 @@ class Sampler(Handle):
                 raise error
         if rc_failed:
             reason = _err.text()
-            if self._grammars:
+            if self._grammar_paths:
                 self._failed = reason
             raise InvalidInputError(f"{self._what} sampler: {reason}")
 
@@ -293,18 +333,20 @@ class Sampler(Handle):
         A token that a grammar in the sampler does not allow now (including an end-of-generation
         token before the grammar is complete) raises InvalidInputError and changes nothing.
         """
-        ptr = self._usable()
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < 2**31:
+            raise InvalidInputError(f"token id {token!r} out of range")
         token = int(token)
         self._check_token_ids(np.array([token]))
-        if self._grammars:
-            one = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
-            arr = _token_array(one)
-            for g in self._grammars:
-                if lib.llamabind_sampler_apply(g, arr, _err.buf, 512) != 0:
-                    self._raised(True)
-                if one["logit"][0] == -np.inf:
-                    raise InvalidInputError(f"the grammar does not accept token {token} here")
-        self._raised(lib.llamabind_sampler_accept(ptr, token, _err.buf, 512) != 0)
+        with self._use() as ptr:
+            if self._grammar_paths:
+                one = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
+                arr = _token_array(one)
+                for g in self._grammar_ptrs():
+                    if lib.llamabind_sampler_apply(g, arr, _err.buf, 512) != 0:
+                        self._raised(True)
+                    if one["logit"][0] == -np.inf:
+                        raise InvalidInputError(f"the grammar does not accept token {token} here")
+            self._raised(lib.llamabind_sampler_accept(ptr, token, _err.buf, 512) != 0)
 
     def apply(self, candidates: np.ndarray) -> int:
         """Apply to a TOKEN_DATA array in place; returns the selected index (-1 if none)."""
@@ -314,22 +356,38 @@ class Sampler(Handle):
             raise InvalidInputError("candidates must be a non-empty one-dimensional array")
         if not candidates.flags.writeable:
             raise InvalidInputError("candidates must be writeable (the sampler edits them in place)")
-        ptr = self._usable()
         self._check_token_ids(candidates["id"])
         arr = _token_array(candidates)
-        self._raised(lib.llamabind_sampler_apply(ptr, arr, _err.buf, 512) != 0)
+        with self._use() as ptr:
+            self._raised(lib.llamabind_sampler_apply(ptr, arr, _err.buf, 512) != 0)
         return int(arr.selected)
 
     def reset(self) -> None:
         """Back to the initial state (a failed grammar starts over)."""
-        lib.llama_sampler_reset(self.ptr)
-        self._failed = None
+        with self._lock:
+            lib.llama_sampler_reset(self.ptr)
+            self._failed = None
 
     def clone(self) -> "Sampler":
         """An independent copy with the same state (not for chains holding Python samplers)."""
         if any(self._keep):
             raise InvalidInputError("samplers written in Python cannot be cloned")
-        return Sampler(lib.llama_sampler_clone(self.ptr), "clone")
+        with self._use() as ptr:
+            twin = Sampler(lib.llama_sampler_clone(ptr), self._what, vocab=self._vocab, n_vocab=self._n_vocab)
+        twin._grammar_paths, twin._greedy = list(self._grammar_paths), self._greedy
+        return twin
+
+
+def _nesting(text: str) -> int:
+    """Deepest nesting of brackets in ``text`` (an upper bound: quoting is not parsed)."""
+    depth = most = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in ")]}" and depth:
+            depth -= 1
+    return most
 
 
 def _token_array(candidates: np.ndarray) -> Any:
@@ -349,10 +407,11 @@ def sample_fast(sampler: Sampler, cptr, idx: int, n_vocab: int) -> int:
         if p == ffi.NULL:
             raise InvalidInputError(f"no logits for batch row {idx}: {take_errors()}")
         return int(np.argmax(np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32)))
-    tok = lib.llamabind_sampler_sample(sampler._usable(), cptr, idx, _err.buf, 512)
-    if tok < 0:
-        take_errors()
-    sampler._raised(tok < 0)
+    with sampler._use() as ptr:
+        tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
+        if tok < 0:
+            take_errors()
+        sampler._raised(tok < 0)
     return tok
 
 
@@ -383,6 +442,10 @@ class TokenDataArray:
     def sorted(self, value: bool) -> None:
         self._c.sorted = value
 
+    def _release(self) -> None:
+        self._c = ffi.new("llama_token_data_array *")
+        self.data = np.zeros(0, dtype=TOKEN_DATA)
+
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` candidates."""
         if not 1 <= n <= self._c.size:
@@ -412,6 +475,13 @@ class PySampler:
     def reset(self) -> None:
         pass
 
+    def _apply_once(self, smpl: Any, c: Any) -> None:
+        cur = TokenDataArray(c)
+        try:
+            self.apply(cur)
+        finally:
+            cur._release()  # the C array is gone after this call: a kept object sees nothing
+
     def as_sampler(self) -> Sampler:
         def guard(fn):
             def call(*args):
@@ -427,7 +497,7 @@ class PySampler:
         cbs = {
             "name": ffi.callback(slot["name"], lambda s: name),
             "accept": ffi.callback(slot["accept"], guard(lambda s, t: self.accept(t))),
-            "apply": ffi.callback(slot["apply"], guard(lambda s, c: self.apply(TokenDataArray(c)))),
+            "apply": ffi.callback(slot["apply"], guard(self._apply_once)),
             "reset": ffi.callback(slot["reset"], guard(lambda s: self.reset())),
             "free": ffi.callback(slot["free"], lambda s: None),
         }

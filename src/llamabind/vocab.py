@@ -19,7 +19,18 @@ TOKEN_NULL = -1
 
 def as_tokens(tokens: Iterable[int] | np.ndarray) -> np.ndarray:
     """Tokens as a contiguous int32 array (no copy when they already are one)."""
-    arr = np.ascontiguousarray(tokens, dtype=np.int32)
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32:
+        arr = np.ascontiguousarray(tokens)
+    else:
+        try:
+            arr = np.asarray(tokens)
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise InvalidInputError(f"token ids must be integers, not {arr.dtype}")
+            if arr.size and (int(arr.min()) < -2**31 or int(arr.max()) >= 2**31):
+                raise InvalidInputError("token id out of the int32 range")
+            arr = np.ascontiguousarray(arr, dtype=np.int32)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise InvalidInputError(f"not a list of token ids: {e}") from None
     if arr.ndim != 1:
         raise InvalidInputError(f"tokens must be one-dimensional, got shape {arr.shape}")
     return arr
@@ -50,6 +61,10 @@ class Vocab:
         no_sep = lib.llama_vocab_sep(self._vptr) == TOKEN_NULL
         self._can_add_special = not (((wpm or lib.llama_vocab_get_add_bos(self._vptr)) and no_bos)
                                      or (wpm and no_sep))
+
+    @property
+    def model(self) -> "Model":
+        return self._model
 
     @property
     def ptr(self):
