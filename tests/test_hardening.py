@@ -192,6 +192,90 @@ CASES = {
             refused(lambda: lb.Sampler.grammar(model.vocab, "root ::= ("), InvalidInputError)
         assert err.getvalue() == "", err.getvalue()
     """,
+    # -- found by tests/fuzz_api.py --------------------------------------------------------------
+    "grammar_sampler_after_its_model_closed": """
+        m2 = lb.Model(sys.argv[1])
+        g = lb.Sampler.grammar(m2.vocab, "root ::= [a-z]+")
+        chain = lb.Sampler.chain(lb.Sampler.grammar(m2.vocab, "root ::= [a-z]+"), lb.Sampler.greedy())
+        m2.close(); gc.collect()
+        refused(lambda: g.accept(70), lb.ClosedError)
+        refused(lambda: chain.accept(70), lb.ClosedError)
+    """,
+    "cloned_grammar_accepts_eog": """
+        v = model.vocab
+        eog = v.eos if v.eos is not None else v.eot
+        refused(lambda: lb.Sampler.grammar(v, 'root ::= "a"').clone().accept(eog), InvalidInputError, "does not accept")
+        c = lb.Sampler.chain(lb.Sampler.grammar(v, 'root ::= "a"'), lb.Sampler.greedy()).clone()
+        refused(lambda: c.accept(eog), InvalidInputError, "does not accept")
+    """,
+    "generation_under_noncausal_attention": """
+        ctx.set_causal_attn(False)
+        refused(lambda: lb.complete(ctx, "x" * 50, max_tokens=2), InvalidInputError, "causal")
+        ctx.set_causal_attn(True)
+    """,
+    "python_sampler_closes_its_chain": """
+        prompt_logits()
+        class C(lb.PySampler):
+            def apply(self, cur): chain.close()
+        chain = lb.Sampler.chain(C().as_sampler(), lb.Sampler.greedy())
+        refused(lambda: chain.sample(ctx), lb.BusyError)
+        assert not chain.closed
+    """,
+    "batch_array_retyped_in_place": """
+        b = lb.Batch(4); b.add([5], 0)
+        b.n_seq_id.dtype = np.uint8
+        refused(lambda: ctx.decode(b), InvalidInputError, "re-typed")
+    """,
+    "sampler_closed_from_another_thread_while_sampling": """
+        prompt_logits()
+        class Slow(lb.PySampler):
+            def apply(self, cur): time.sleep(0.05)
+        chain = lb.Sampler.chain(Slow().as_sampler(), lb.Sampler.greedy())
+        t = threading.Thread(target=lambda: chain.sample(ctx)); t.start(); time.sleep(0.01)
+        chain.close(); t.join()
+        assert chain.closed
+    """,
+    "context_over_vocab_only_model": """
+        v = lb.Model(sys.argv[1], vocab_only=True)
+        refused(lambda: lb.Context(v, n_ctx=64, n_threads=1), InvalidInputError, "vocab_only")
+    """,
+    "one_sampler_shared_by_two_threads": """
+        c2 = lb.Context(model, n_ctx=256, n_threads=1)
+        chain = lb.Sampler.chain(lb.Sampler.grammar(model.vocab, 'root ::= [a-z]+ " " [a-z]+'), lb.Sampler.dist(1))
+        def work(c):
+            for _ in range(10):
+                try:
+                    lb.complete(c, "hello", max_tokens=20, sampler=chain, reuse_cache=False)
+                except LlamaError:
+                    pass
+        ts = [threading.Thread(target=work, args=(c,)) for c in (ctx, c2)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+    """,
+    "python_sampler_keeps_its_candidates": """
+        class K(lb.PySampler):
+            def apply(self, cur):
+                self.cur = cur
+                cur.selected = 0
+        k = K(); s = k.as_sampler()
+        a = np.zeros(8, lb.sampler.TOKEN_DATA); a["id"] = np.arange(8)
+        s.apply(a); del a; gc.collect()
+        k.cur.data["logit"][:] = 1.0
+        assert k.cur.data.size == 0
+    """,
+    "deeply_nested_grammar_and_trigger": """
+        refused(lambda: lb.Sampler.grammar(model.vocab, "root ::= " + "(" * 100000 + '"a"' + ")" * 100000),
+                InvalidInputError, "nests deeper")
+        refused(lambda: lb.Sampler.grammar_lazy(model.vocab, 'root ::= "a"',
+                                                trigger_patterns=["(" * 50000 + "a" + ")" * 50000]),
+                InvalidInputError, "nests deeper")
+    """,
+    "ints_beyond_int32": """
+        refused(lambda: model.vocab.detokenize([2**40]), InvalidInputError)
+        refused(lambda: lb.Sampler.greedy().accept(2**31), InvalidInputError)
+        refused(lambda: lb.Batch(4).add([5], 0, 2**40), InvalidInputError)
+        refused(lambda: lb.Batch(4).add([2**40], 0), InvalidInputError)
+        refused(lambda: ctx.memory.seq_rm(0, 2**40), InvalidInputError)
+    """,
 }
 
 
