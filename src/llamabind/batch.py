@@ -25,7 +25,7 @@ class Batch:
     """
 
     __slots__ = ("capacity", "n_seq_max", "_token", "_embd", "_pos", "_n_seq_id", "_seq_id", "_logits",
-                 "_seq_ptrs", "_struct", "_n_tokens")
+                 "_seq_ptrs", "_struct", "_n_tokens", "_layout")
 
     def __init__(self, capacity: int, n_seq_max: int = 1, embd: int = 0) -> None:
         for name, v in (("capacity", capacity), ("n_seq_max", n_seq_max), ("embd", embd)):
@@ -55,6 +55,7 @@ class Batch:
         s.logits = ffi.cast("int8_t *", self.logits.ctypes.data)
         self._struct = s
         self._n_tokens = 0
+        self._layout = self._layout_now()
 
     token = property(lambda self: self._token, doc="token ids, int32 (capacity,)")
     embd = property(lambda self: self._embd, doc="input embeddings, float32 (capacity, width), or None")
@@ -139,6 +140,11 @@ class Batch:
         self.n_tokens = end
         return rows
 
+    def _layout_now(self) -> tuple:
+        """What the C struct relies on: each array's dtype and shape (numpy lets both be reassigned)."""
+        arrays = (self._token, self._pos, self._n_seq_id, self._seq_id, self._logits, self._embd)
+        return tuple((a.dtype, a.shape) for a in arrays if a is not None)
+
     @property
     def n_outputs(self) -> int:
         """How many rows request logits/embeddings."""
@@ -146,11 +152,7 @@ class Batch:
 
     def struct(self):
         """The ``llama_batch`` value to pass to llama_decode (valid while this object lives)."""
-        for a, dtype, ndim in ((self._token, np.int32, 1), (self._pos, np.int32, 1), (self._n_seq_id, np.int32, 1),
-                               (self._seq_id, np.int32, 2), (self._logits, np.int8, 1)):
-            if a.dtype != dtype or a.ndim != ndim or a.shape[0] != self.capacity:
-                raise InvalidInputError("a batch array was re-typed or reshaped: write into it, never change it")
-        if self._seq_id.shape[1] != self.n_seq_max or (self._embd is not None and self._embd.dtype != np.float32):
+        if self._layout_now() != self._layout:
             raise InvalidInputError("a batch array was re-typed or reshaped: write into it, never change it")
         self._struct.n_tokens = self._n_tokens
         return self._struct[0]

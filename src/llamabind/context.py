@@ -14,7 +14,7 @@ from . import _params
 from ._handle import Handle
 from .batch import Batch
 from .binding import ffi, lib, take_errors
-from .errors import BusyError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError, check_decode
+from .errors import BusyError, ClosedError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError, check_decode
 from .memory import CachedTokens, Memory
 from .model import LoraAdapter, Model
 
@@ -155,12 +155,12 @@ class Context(Handle):
             raise InvalidInputError(f"sequence id {seq_id} out of range [0, {self.n_seq_max})")
 
     # -- threads and lifetime ------------------------------------------------------------------
-    @contextmanager
-    def hold(self) -> Iterator["Context"]:
-        """Hold the context's lock: no decode, memory operation or close runs meanwhile (re-entrant)."""
-        with self._lock:
-            self.ptr  # ClosedError first
-            yield self
+    def hold(self) -> "_Hold":
+        """Hold the context's lock: no decode, memory operation or close runs meanwhile (re-entrant).
+
+        ``with ctx.hold(): ...`` raises ClosedError on entry once the context is closed.
+        """
+        return _Hold(self)
 
     @contextmanager
     def lease(self) -> Iterator["Context"]:
@@ -316,11 +316,12 @@ class Context(Handle):
         if self._lease is not None and self._lease != threading.get_ident():
             raise BusyError("a generation in another thread is driving this context")
 
-    def run(self, batch: Batch, encode: bool = False) -> None:
+    def run(self, batch: Batch, encode: bool = False, *, all_outputs: bool = False) -> None:
         """decode (or encode) ``batch`` without the input checks, for loops that built it themselves.
 
-        The caller vouches for the batch (tokens, positions, sequence ids, size); everything else
-        (lock, abort flag, output bookkeeping, errors) is as in ``decode``.
+        The caller vouches for the batch (tokens, positions, sequence ids, size; its arrays'
+        layout is still checked); everything else (lock, abort flag, output bookkeeping, errors)
+        is as in ``decode``. ``all_outputs``: every row asked for logits (skips counting them).
         """
         fn, what = (lib.llama_encode, "llama_encode") if encode else (lib.llama_decode, "llama_decode")
         s = batch.struct()
@@ -332,7 +333,10 @@ class Context(Handle):
                 rc = fn(ptr, s)
             finally:
                 self._computing = None
-            self._set_outputs(batch, rc)
+            if all_outputs and rc == 0:
+                self._out_rows, self._n_outputs = None, batch.n_tokens
+            else:
+                self._set_outputs(batch, rc)
             if rc:
                 hook = self._abort_hook
                 if rc == 2 and hook is not None and hook.error is not None:
@@ -503,6 +507,25 @@ class Context(Handle):
                 raise InvalidInputError(f"could not load state from {path}: {take_errors()}")
             self._tokens.set(0, toks[: n[0]])
         return toks[: n[0]].copy()
+
+
+class _Hold:
+    """``ctx.hold()``: the context's lock as a context manager that refuses a closed context."""
+
+    __slots__ = ("_ctx", "_lock")
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx, self._lock = ctx, ctx._lock
+
+    def __enter__(self) -> Context:
+        self._lock.acquire()
+        if self._ctx._ptr is None:
+            self._lock.release()
+            raise ClosedError("Context is closed")
+        return self._ctx
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _as_bytes(data: Any) -> bytes:

@@ -337,7 +337,7 @@ def _decode_steps(ctx: Context, batch: Batch, seqs: list[_Seq], cancel: Cancel |
             pos_arr[r] = s.n_pos
         with ctx.hold():
             try:
-                ctx.run(batch)
+                ctx.run(batch, all_outputs=True)
             except AbortedError:
                 _drop_unfinished(ctx, active, "cancelled")
                 return

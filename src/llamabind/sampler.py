@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -297,16 +296,9 @@ class Sampler(Handle):
             out.append(p)
         return out
 
-    @contextmanager
-    def _use(self) -> Iterator[Any]:
-        """Hold the sampler for one call into llama.cpp; yields its pointer."""
-        with self._lock:
-            ptr = self._usable()
-            self._busy = threading.get_ident()
-            try:
-                yield ptr
-            finally:
-                self._busy = None
+    def _use(self) -> "_Use":
+        """Hold the sampler for one call into llama.cpp (``with s._use() as ptr``)."""
+        return _Use(self)
 
     def close(self) -> None:
         """Free the sampler; from another thread this waits for a running sample."""
@@ -376,6 +368,30 @@ class Sampler(Handle):
             twin = Sampler(lib.llama_sampler_clone(ptr), self._what, vocab=self._vocab, n_vocab=self._n_vocab)
         twin._grammar_paths, twin._greedy = list(self._grammar_paths), self._greedy
         return twin
+
+
+class _Use:
+    """One call into llama.cpp with a sampler: its lock held, the calling thread recorded."""
+
+    __slots__ = ("_s", "_prev")
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._s = sampler
+
+    def __enter__(self) -> Any:
+        s = self._s
+        s._lock.acquire()
+        try:
+            ptr = s._usable()
+        except BaseException:
+            s._lock.release()
+            raise
+        self._prev, s._busy = s._busy, threading.get_ident()
+        return ptr
+
+    def __exit__(self, *exc: object) -> None:
+        self._s._busy = self._prev
+        self._s._lock.release()
 
 
 def _nesting(text: str) -> int:
