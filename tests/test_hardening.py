@@ -222,9 +222,11 @@ CASES = {
         assert not chain.closed
     """,
     "batch_array_retyped_in_place": """
+        ctx.memory.clear()
         b = lb.Batch(4); b.add([5], 0)
-        b.n_seq_id.dtype = np.uint8
-        refused(lambda: ctx.decode(b), InvalidInputError, "re-typed")
+        b.n_seq_id.dtype = np.uint8          # re-types the view only: the checks read what C reads
+        b.n_seq_id[0:4] = [1, 0, 0, 16]      # one int32 of 0x10000001
+        refused(lambda: ctx.decode(b), InvalidInputError, "n_seq_id")
     """,
     "sampler_closed_from_another_thread_while_sampling": """
         prompt_logits()

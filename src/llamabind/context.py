@@ -274,7 +274,6 @@ class Context(Handle):
         self.ptr  # raises ClosedError first
         if not isinstance(batch, Batch):
             raise InvalidInputError(f"expected a Batch, not {type(batch).__name__}")
-        batch.struct()  # its arrays are still what the C struct points at
         n = batch.n_tokens
         if n == 0:
             raise InvalidInputError("empty batch")
@@ -283,18 +282,7 @@ class Context(Handle):
         if (encode or not self.model.has_decoder or not self.causal_attn) and n > self.n_ubatch:
             raise InvalidInputError(f"a batch for {'llama_encode' if encode else 'non-causal attention'} must fit "
                                     f"in one ubatch: {n} tokens > n_ubatch={self.n_ubatch}")
-        if batch.embd is None:
-            self.vocab.check_tokens(batch.token[:n])
-        elif batch.embd.shape[1] != self.model.n_embd:
-            raise InvalidInputError(f"batch embeddings have width {batch.embd.shape[1]}, model n_embd is {self.model.n_embd}")
-        counts = batch.n_seq_id[:n]
-        if int(counts.min()) < 1 or int(counts.max()) > batch.n_seq_max:
-            raise InvalidInputError("n_seq_id out of range")
-        used = batch.seq_id[:n][np.arange(batch.n_seq_max) < counts[:, None]]
-        if used.size and (int(used.min()) < 0 or int(used.max()) >= self.n_seq_max):
-            raise InvalidInputError(f"sequence id out of range [0, {self.n_seq_max}) (raise n_seq_max)")
-        if int(batch.pos[:n].min()) < 0:
-            raise InvalidInputError("negative position in batch")
+        batch.validate(self.n_vocab, self.n_seq_max, self.model.n_embd)
 
     def decode(self, batch: Batch) -> None:
         """Run the model on ``batch`` (checked first); errors become DecodeError subclasses."""
@@ -320,7 +308,7 @@ class Context(Handle):
         """decode (or encode) ``batch`` without the input checks, for loops that built it themselves.
 
         The caller vouches for the batch (tokens, positions, sequence ids, size; its arrays'
-        layout is still checked); everything else (lock, abort flag, output bookkeeping, errors)
+        memory is what the C struct reads); everything else (lock, abort flag, output bookkeeping, errors)
         is as in ``decode``. ``all_outputs``: every row asked for logits (skips counting them).
         """
         fn, what = (lib.llama_encode, "llama_encode") if encode else (lib.llama_decode, "llama_decode")
@@ -351,7 +339,7 @@ class Context(Handle):
 
     # -- outputs -----------------------------------------------------------------------------
     def _set_outputs(self, batch: Batch, rc: int) -> None:
-        rows = np.flatnonzero(batch.logits[: batch.n_tokens]) if rc == 0 else np.empty(0, np.intp)
+        rows = batch.output_rows() if rc == 0 else np.empty(0, np.intp)
         self._out_rows, self._n_outputs = rows, rows.size
 
     def set_outputs(self, n_outputs: int, rows: np.ndarray | None = None) -> None:
