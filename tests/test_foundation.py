@@ -262,6 +262,11 @@ def test_vendored_tree_matches_pin():
 
 # -- packaging -----------------------------------------------------------------------------
 
+def test_package_ships_type_information():
+    assert (PKG_DIR / "py.typed").is_file()
+    assert (PKG_DIR / "_build_info.pyi").is_file()
+
+
 def test_installed_wheel_is_abi3():
     from importlib.metadata import distribution
 

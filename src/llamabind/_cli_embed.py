@@ -87,7 +87,8 @@ def run_embed(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Tex
             if emb.pooling == "none":
                 vecs = emb.embed_tokens(texts, **kw)
                 if args.output:
-                    np.savez(args.output, **{f"text_{i}": v for i, v in enumerate(vecs)})
+                    arrays: dict[str, Any] = {f"text_{i}": v for i, v in enumerate(vecs)}
+                    np.savez(args.output, **arrays)
                 else:
                     json.dump([v.tolist() for v in vecs], stdout)
                     stdout.write("\n")

@@ -49,7 +49,7 @@ class Batch:
                           + np.uint64(self._seq_id.ctypes.data))
         s = ffi.new("llama_batch *")
         s.token = ffi.NULL if embd else ffi.cast("llama_token *", self._token.ctypes.data)
-        s.embd = ffi.cast("float *", self._embd.ctypes.data) if embd else ffi.NULL
+        s.embd = ffi.cast("float *", self._embd.ctypes.data) if self._embd is not None else ffi.NULL
         s.pos = ffi.cast("llama_pos *", self._pos.ctypes.data)
         s.n_seq_id = ffi.cast("int32_t *", self._n_seq_id.ctypes.data)
         s.seq_id = ffi.cast("llama_seq_id **", self._seq_ptrs.ctypes.data)
@@ -112,7 +112,7 @@ class Batch:
             if self._embd is not None:
                 raise InvalidInputError("this batch holds embeddings; use add_embd")
             self._token[rows] = toks
-        else:
+        elif self._embd is not None:
             self._embd[rows] = embd
         if np.isscalar(pos0):
             if isinstance(pos0, bool) or not isinstance(pos0, (int, np.integer)) or not 0 <= pos0 < 2**31 - n:

@@ -301,8 +301,8 @@ class Embedder:
                 or n_batch % n_seq_max:
             raise InvalidInputError(f"n_seq_max={n_seq_max!r}: must divide n_batch={n_batch} and be in [1, {most}] "
                                     f"(llama.cpp aborts otherwise)")
-        values = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
-                      embeddings=True, pooling=pooling, kv_unified=True)
+        values: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
+                                      n_threads=n_threads, embeddings=True, pooling=pooling, kv_unified=True)
         values.update(params)
         try:
             return Context(model, **values)

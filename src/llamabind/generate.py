@@ -267,6 +267,8 @@ def _prefill_media(ctx: Context, seqs: list[_Seq], cancel: Cancel | None, t0: fl
     callable here, inside this generation's hold on ctx, then sample from the last output."""
     events = []
     for s in seqs:
+        if s.prefill is None:
+            raise InvalidInputError("a sequence without a prompt needs a prefill")
         try:
             s.n_pos = s.prefill()
         except AbortedError:
@@ -469,7 +471,8 @@ def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | 
     limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
     if isinstance(stop, str):
         stop = [stop]
-    stops = list(stop) if stop and not isinstance(next(iter(stop)), str) else [list(stop)] * n
+    stops: list[Iterable[str]] = (list(stop) if stop and not isinstance(next(iter(stop)), str)
+                                  else [list(stop)] * n)  # type: ignore[list-item, arg-type]
     if len(limits) != n or len(stops) != n:
         raise InvalidInputError("max_tokens and stop must give one value per prompt")
     if samplers is None:
@@ -507,11 +510,12 @@ def generate_after(ctx: Context, n_past: int | None = None, *, prefill: Callable
         raise InvalidInputError("give n_past or prefill")
     if n_past is not None and not 0 < n_past < ctx.n_ctx_seq:
         raise ContextOverflowError(f"n_past={n_past} must be in (0, {ctx.n_ctx_seq})")
+    past = n_past
     if max_tokens < 1:
         raise InvalidInputError("max_tokens must be >= 1")
     seq = _Seq(ctx, 0, seq_id, np.empty(0, np.int32), sampler or Sampler.greedy(), stop, max_tokens)
     seq.row = -1
-    seq.prefill = prefill if prefill is not None else (lambda: n_past)
+    seq.prefill = prefill if prefill is not None else (lambda: int(past or 0))
     seq.n_prompt = -1 if n_prompt is None else n_prompt  # -1: report n_past
     return _run(ctx, [seq], reuse_cache=False, cancel=cancel)
 

@@ -245,6 +245,7 @@ class Bitmap(Handle):
                 lib.mtmd_bitmap_free(p)
                 _extra()
             super().__init__(ptr, free)
+        self._keep_mctx: Any = None  # a lazy (video) bitmap reads through its projector context
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
