@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import mmap
 import os
 import re
 import shlex
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +129,90 @@ def function_names(ast: c_ast.FileAST) -> list[str]:
     return [n.name for n in ast.ext if isinstance(n, c_ast.Decl) and isinstance(n.type, c_ast.FuncDecl)]
 
 
-def exported(names: list[str], libraries: list[str]) -> set[str]:
-    """The subset of ``names`` that one of the built ``libraries`` exports."""
+# ELF constants (see the System V ABI, "Object Files"; elf.h).
+_SHT_DYNSYM = 11
+_SHT_GNU_VERSYM = 0x6FFFFFFF
+_SHN_UNDEF = 0
+_EXPORTED_BINDS = (1, 2)  # STB_GLOBAL, STB_WEAK
+_EXPORTED_TYPES = (0, 2, 10)  # STT_NOTYPE, STT_FUNC, STT_GNU_IFUNC
+_EXPORTED_VISIBILITIES = (0, 3)  # STV_DEFAULT, STV_PROTECTED
+_VERSYM_HIDDEN = 0x8000
+
+# Magic bytes of the formats read through the dynamic loader instead (Mach-O, fat Mach-O, PE).
+_LOADER_MAGICS = (b"\xfe\xed\xfa\xce", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xcf\xfa\xed\xfe",
+                  b"\xca\xfe\xba\xbe", b"\xca\xfe\xba\xbf", b"MZ")
+
+
+def elf_exports(path: str) -> set[str]:
+    """The function names an ELF shared library exports, read from its ``.dynsym`` table.
+
+    Read from the file, not through the dynamic loader: a library whose dependencies are
+    missing on the build machine (libggml-cuda without the CUDA driver) cannot be loaded.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise ValueError(f"{path} is not an ELF file")
+        # Mapped, not read: only the headers and the tables are paged in (CUDA libraries are big).
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                return _elf_dynsym_exports(data)
+            except (struct.error, IndexError) as e:
+                raise ValueError(f"{path} is a truncated or malformed ELF file ({e})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+
+
+def _elf_dynsym_exports(data: mmap.mmap) -> set[str]:
+    """Parse the section headers, the dynamic symbol table, its string table and versions."""
+    ei_class, ei_data = data[4], data[5]
+    if ei_class not in (1, 2) or ei_data not in (1, 2):
+        raise ValueError(f"unknown ELF class {ei_class} or data encoding {ei_data}")
+    bo = "<" if ei_data == 1 else ">"
+    is64 = ei_class == 2
+    if is64:
+        shoff, = struct.unpack_from(bo + "Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from(bo + "HH", data, 0x3A)
+        shdr = bo + "IIQQQQIIQQ"  # name type flags addr offset size link info addralign entsize
+        sym, sym_size = bo + "IBBHQQ", 24  # name info other shndx value size
+    else:
+        shoff, = struct.unpack_from(bo + "I", data, 0x20)
+        shentsize, shnum = struct.unpack_from(bo + "HH", data, 0x2E)
+        shdr = bo + "IIIIIIIIII"
+        sym, sym_size = bo + "IIIBBH", 16  # name value size info other shndx
+    if shoff == 0:
+        raise ValueError("no section headers, so no dynamic symbol table to read")
+    if shnum == 0:  # more than 0xff00 sections: the real count is in section 0's sh_size
+        shnum = struct.unpack_from(shdr, data, shoff)[5]
+    sections = [struct.unpack_from(shdr, data, shoff + i * shentsize) for i in range(shnum)]
+    dynsym = next((s for s in sections if s[1] == _SHT_DYNSYM), None)
+    if dynsym is None:
+        raise ValueError("no dynamic symbol table (.dynsym); not a shared library")
+    versym = next((s for s in sections if s[1] == _SHT_GNU_VERSYM), None)
+    strtab = sections[dynsym[6]]
+    strings = data[strtab[4]:strtab[4] + strtab[5]]
+    entsize = dynsym[9] or sym_size
+    names: set[str] = set()
+    for i in range(1, dynsym[5] // entsize):  # entry 0 is the reserved null symbol
+        fields = struct.unpack_from(sym, data, dynsym[4] + i * entsize)
+        if is64:
+            st_name, st_info, st_other, st_shndx = fields[:4]
+        else:
+            st_name, st_info, st_other, st_shndx = fields[0], fields[3], fields[4], fields[5]
+        if (st_shndx == _SHN_UNDEF or st_info >> 4 not in _EXPORTED_BINDS
+                or st_info & 0xF not in _EXPORTED_TYPES or st_other & 3 not in _EXPORTED_VISIBILITIES):
+            continue
+        # A non-default symbol version (foo@V1 next to foo@@V2) is not what dlsym finds.
+        if versym is not None and struct.unpack_from(bo + "H", data, versym[4] + 2 * i)[0] & _VERSYM_HIDDEN:
+            continue
+        end = strings.find(b"\0", st_name)
+        if end < 0:
+            raise ValueError("a symbol name runs past the end of the string table")
+        names.add(strings[st_name:end].decode("utf-8", "replace"))
+    return names
+
+
+def loader_exported(names: list[str], libraries: list[str]) -> set[str]:
+    """The subset of ``names`` that the dynamic loader finds in ``libraries`` (loads them all)."""
     mode = getattr(ctypes, "RTLD_GLOBAL", 0)
     libs = [ctypes.CDLL(os.path.abspath(p), mode=mode) for p in libraries]
     found = set()
@@ -140,6 +224,29 @@ def exported(names: list[str], libraries: list[str]) -> set[str]:
                 continue
             found.add(name)
             break
+    return found
+
+
+def exported(names: list[str], libraries: list[str]) -> set[str]:
+    """The subset of ``names`` that one of the built ``libraries`` exports.
+
+    ELF files are read directly (see elf_exports); Mach-O and PE files, which this module
+    does not parse, are loaded with ctypes instead. Anything else is an error.
+    """
+    found: set[str] = set()
+    loaded: list[str] = []
+    for path in libraries:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"\x7fELF":
+            found |= elf_exports(path)
+        elif magic.startswith(_LOADER_MAGICS):
+            loaded.append(path)
+        else:
+            raise ValueError(f"{path} is not a shared library (not ELF, Mach-O or PE)")
+    found &= set(names)
+    if loaded:
+        found |= loader_exported(names, loaded)
     return found
 
 
@@ -177,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     text = own_lines(preprocess(args.cc, args.include), args.include)
-    cdef, dropped = build_cdef(text, args.exports_from)
+    try:
+        cdef, dropped = build_cdef(text, args.exports_from)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"ffigen: cannot read the exports of the built libraries: {e}") from None
     for name in dropped:
         print(f"ffigen: {name} is declared but no built library exports it; not bound", file=sys.stderr)
 
