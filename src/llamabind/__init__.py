@@ -1,11 +1,12 @@
 """llamabind: fast, safe, compiler-checked Python bindings to llama.cpp.
 
-Layers, lowest first: ``llamabind.ffi``/``llamabind.lib`` (the raw C surface, unsafe),
-one class per C handle (Model, Vocab, Context, Batch, Sampler, ...), then the decode
-loop, embeddings and multimodal helpers.
+Floors, lowest first: ``llamabind.raw`` (``ffi``/``lib``, the raw C surface, unsafe), one
+class per C handle (Model, Vocab, Context, Memory, Batch, Sampler, ...), then the decode loop,
+embeddings and multimodal helpers.
 """
 
-from .binding import ffi, lib
+from . import raw
+from .raw import ffi, lib
 from .errors import (
     AbortedError,
     BusyError,
@@ -41,7 +42,7 @@ from .generate import (
 )
 
 __all__ = [
-    "ffi", "lib", "__version__", "system_info",
+    "raw", "ffi", "lib", "__version__", "system_info",
     "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "CachedTokens", "PerfData",
     "Sampler", "PySampler", "TokenDataArray", "Embedder", "Reranker", "RerankResult",
     "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",

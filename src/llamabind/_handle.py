@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
-from .binding import ffi
+from .raw import ffi
 from .errors import ClosedError
 
 

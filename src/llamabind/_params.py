@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .binding import ffi
+from .raw import ffi
 
 
 def _enum_value(ctype: Any, field: str, value: Any) -> int:

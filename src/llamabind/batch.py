@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .binding import ffi
+from .raw import ffi
 from .errors import InvalidInputError
 from .vocab import as_tokens
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .binding import ffi, lib
+from .raw import ffi, lib
 from .context import Context
 from .generate import DoneEvent, generate, generate_many
 from .model import Model

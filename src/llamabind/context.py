@@ -13,8 +13,8 @@ import numpy as np
 from . import _params
 from ._handle import Handle
 from .batch import Batch
-from .binding import ffi, lib, take_errors
-from .errors import BusyError, ClosedError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError, check_decode
+from .raw import check_decode, clear_errors, fail, ffi, lib
+from .errors import BusyError, ClosedError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError
 from .memory import CachedTokens, Memory
 from .model import LoraAdapter, Model
 
@@ -115,10 +115,10 @@ class Context(Handle):
         cparams.abort_callback = ffi.addressof(lib, "_llamabind_flag_abort")
         cparams.abort_callback_data = self._abort_flag
         with model.hold():
-            take_errors()
+            clear_errors()
             ptr = lib.llama_init_from_model(model.ptr, cparams)
             if ptr == ffi.NULL:
-                raise ModelLoadError(f"could not create a context: {take_errors() or 'see the llamabind log'}")
+                fail(ModelLoadError, "could not create a context")
             super().__init__(ptr, lib.llama_free, parent=model)
         self.model = model
         self.vocab = model.vocab
@@ -229,7 +229,7 @@ class Context(Handle):
             ptrs = ffi.new("struct llama_adapter_lora *[]", [a.ptr for a, _ in items] or [ffi.NULL])
             scales = ffi.new("float[]", [s for _, s in items] or [0.0])
             if lib.llama_set_adapters_lora(self.ptr, ptrs, len(items), scales) != 0:
-                raise LlamaError(f"llama_set_adapters_lora failed: {take_errors()}")
+                fail(LlamaError, "llama_set_adapters_lora failed")
             for a, _ in self._loras:
                 a._users.discard(self)
             self._loras = items
@@ -329,9 +329,9 @@ class Context(Handle):
                 hook = self._abort_hook
                 if rc == 2 and hook is not None and hook.error is not None:
                     error, hook.error = hook.error, None
-                    take_errors()
+                    clear_errors()
                     raise error
-                check_decode(rc, what, take_errors())
+                check_decode(rc, what)
 
     def synchronize(self) -> None:
         with self.hold():
@@ -377,7 +377,7 @@ class Context(Handle):
         with self.hold():
             p = lib.llama_get_logits_ith(self.ptr, self._output_index(i))
             if p == ffi.NULL:
-                raise InvalidInputError(f"no logits for output row {i}: {take_errors()}")
+                fail(InvalidInputError, f"no logits for output row {i}")
             return self._copy(p, self.n_vocab)
 
     def embeddings(self, i: int = -1) -> np.ndarray:
@@ -387,7 +387,7 @@ class Context(Handle):
                 raise InvalidInputError("embeddings are off: create the context with embeddings=True")
             p = lib.llama_get_embeddings_ith(self.ptr, self._output_index(i))
             if p == ffi.NULL:
-                raise InvalidInputError(f"no embedding for output row {i}: {take_errors()}")
+                fail(InvalidInputError, f"no embedding for output row {i}")
             return self._copy(p, self.model.n_embd_out)
 
     def embeddings_seq(self, seq_id: int, n: int | None = None) -> np.ndarray:
@@ -436,7 +436,7 @@ class Context(Handle):
             self._tokens.forget(-1)
             self.set_outputs(0)
             if n == 0:
-                raise InvalidInputError(f"state data rejected: {take_errors() or 'wrong size or model'}")
+                fail(InvalidInputError, "state data rejected", 'wrong size or model')
             if tokens is not None:
                 self._tokens.set(0, tokens)
 
@@ -467,7 +467,7 @@ class Context(Handle):
             n = lib.llama_state_seq_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data), seq_id)
             self._tokens.forget(seq_id)
             if n == 0:
-                raise InvalidInputError(f"sequence state rejected: {take_errors() or 'wrong size or model'}")
+                fail(InvalidInputError, "sequence state rejected", 'wrong size or model')
 
     def state_save_file(self, path: str | os.PathLike, tokens: Any = None) -> None:
         """Save the context state and ``tokens`` (default: the tokens of sequence 0 in the cache) to a file."""
@@ -475,7 +475,7 @@ class Context(Handle):
         with self.hold():
             ok = lib.llama_state_save_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), toks.size)
         if not ok:
-            raise LlamaError(f"could not save state to {path}: {take_errors()}")
+            fail(LlamaError, f"could not save state to {path}")
 
     def state_load_file(self, path: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
         """Load a state file; returns the tokens saved with it, which ``generate`` then reuses
@@ -492,7 +492,7 @@ class Context(Handle):
             self._tokens.forget(-1)
             self.set_outputs(0)
             if not ok:
-                raise InvalidInputError(f"could not load state from {path}: {take_errors()}")
+                fail(InvalidInputError, f"could not load state from {path}")
             self._tokens.set(0, toks[: n[0]])
         return toks[: n[0]].copy()
 

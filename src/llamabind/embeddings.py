@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from .batch import Batch
-from .binding import ffi, lib
+from .raw import ffi, lib
 from .context import Context
 from .errors import ContextOverflowError, InvalidInputError
 from .model import Model

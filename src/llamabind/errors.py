@@ -67,20 +67,3 @@ class BusyError(LlamaError):
 
 class MtmdError(LlamaError):
     """libmtmd reported a failure."""
-
-
-def check_decode(rc: int, what: str = "llama_decode", detail: str = "") -> None:
-    """Turn a llama_decode/llama_encode return code into an exception (0 is success).
-
-    ``detail`` is what llama.cpp logged about the failure, appended to the message.
-    """
-    if rc == 0:
-        return
-    why = f": {detail}" if detail else " (see the llamabind log)"
-    if rc == 1:
-        raise KVCacheFullError(f"{what}: no KV-cache slot for the batch (context full)", rc)
-    if rc == 2:
-        raise AbortedError(f"{what}: aborted", rc)
-    if rc == -1:
-        raise DecodeError(f"{what}: invalid batch{why}", rc)
-    raise DecodeError(f"{what}: failed with code {rc}{why}", rc)

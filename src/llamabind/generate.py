@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from .batch import Batch
-from .binding import ffi, lib, take_errors
+from .raw import ffi, lib, clear_errors
 from .context import Context
 from .context import PerfData
 from .errors import AbortedError, ContextOverflowError, InvalidInputError, LlamaError
@@ -278,7 +278,7 @@ def _prefill_media(ctx: Context, seqs: list[_Seq], cancel: Cancel | None, t0: fl
         if s.n_prompt < 0:
             s.n_prompt = s.n_pos
         if ctx.n_outputs < 1 or lib.llama_get_logits_ith(ctx.ptr, -1) == ffi.NULL:
-            take_errors()
+            clear_errors()
             raise InvalidInputError("the input was decoded without logits for its last position "
                                     "(decode it with logits on the last token, e.g. eval_chunks(logits_last=True))")
         s.row = -1

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .binding import lib
+from .raw import lib
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:

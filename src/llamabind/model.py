@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import _params
 from ._handle import Handle
-from .binding import ffi, lib, take_errors
+from .raw import clear_errors, fail, ffi, lib
 from .errors import ClosedError, InvalidInputError, ModelLoadError, ModelNotFoundError
 from .gguf_check import check_gguf
 from .vocab import Vocab
@@ -106,15 +106,15 @@ class Model(Handle):
         if mode is not None:
             mparams.load_mode = mode
         state = _Progress.attach(mparams, progress)
-        take_errors()
+        clear_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
         if ptr == ffi.NULL:
             if state is not None and state.error is not None:
                 raise ModelLoadError(f"{path}: progress callback raised {state.error!r}") from state.error
-            reason = take_errors() or "see the llamabind log"
             if state is not None and state.cancelled:
+                clear_errors()
                 raise ModelLoadError(f"{path}: load cancelled by the progress callback")
-            raise ModelLoadError(f"llama.cpp could not load {path}: {reason}")
+            fail(ModelLoadError, f"llama.cpp could not load {path}")
         super().__init__(ptr, lib.llama_model_free)
         self.path = path
         self.vocab_only = bool(mparams.vocab_only)
@@ -269,11 +269,11 @@ class LoraAdapter(Handle):
     def __init__(self, model: Model, path: str | os.PathLike) -> None:
         path = _check_path(path, "LoRA adapter")
         check_gguf(path)
-        take_errors()
+        clear_errors()
         with model.hold():
             ptr = lib.llama_adapter_lora_init(model.ptr, path.encode())
         if ptr == ffi.NULL:
-            raise ModelLoadError(f"could not load LoRA adapter {path}: {take_errors() or 'see log'}")
+            fail(ModelLoadError, f"could not load LoRA adapter {path}")
         super().__init__(ptr, lib.llama_adapter_lora_free, parent=model)
         self.model = model
         self.path = path

@@ -32,14 +32,12 @@ import numpy as np
 
 from . import _params
 from ._handle import Handle
-from .binding import ffi, lib, take_errors
+from .raw import check_decode, clear_errors, fail, ffi, lib, reason
 from .context import Context
 from .errors import (
     AbortedError,
     ContextOverflowError,
-    DecodeError,
     InvalidInputError,
-    KVCacheFullError,
     ModelNotFoundError,
     MtmdError,
 )
@@ -129,16 +127,15 @@ class MtmdContext(Handle):
             marker = ffi.new("char[]", media_marker.encode("utf-8"))
             mparams.media_marker = marker
         state = _Progress.attach(mparams, progress)
-        take_errors()
+        clear_errors()
         ptr = lib.mtmd_init_from_file(path.encode(), model.ptr, mparams)
         if ptr == ffi.NULL:
             if state is not None and state.error is not None:
                 raise MtmdError(f"{path}: progress callback raised {state.error!r}") from state.error
             if state is not None and getattr(state, "cancelled", False):
-                take_errors()
+                clear_errors()
                 raise MtmdError(f"{path}: load cancelled by the progress callback")
-            raise MtmdError(f"libmtmd could not load the projector {path}: "
-                            f"{take_errors() or 'see the llamabind log'}")
+            fail(MtmdError, f"libmtmd could not load the projector {path}")
         super().__init__(ptr, lib.mtmd_free, parent=model)
         self.model = model
         self.path = path
@@ -192,14 +189,13 @@ class MtmdContext(Handle):
         if chunks_ptr == ffi.NULL:
             raise MemoryError("mtmd_input_chunks_init failed")
         chunks = Chunks(chunks_ptr, self)
-        take_errors()
+        clear_errors()
         rc = lib.mtmd_tokenize(self.ptr, chunks_ptr, text, ptrs, len(bitmaps))
         if rc != 0:
             chunks.close()
-            reason = take_errors() or "see the llamabind log"
             if rc == 1:
-                raise InvalidInputError(f"mtmd_tokenize: markers and bitmaps do not match: {reason}")
-            raise MediaError(f"mtmd_tokenize failed (code {rc}): {reason}")
+                fail(InvalidInputError, "mtmd_tokenize: markers and bitmaps do not match")
+            fail(MediaError, f"mtmd_tokenize failed (code {rc})")
         return chunks
 
     def _check_kind(self, is_audio: bool, what: str) -> None:
@@ -304,15 +300,14 @@ class Bitmap(Handle):
         is_audio = _looks_like_audio(data)
         mctx._check_kind(is_audio, "the media data")
         buf = ffi.from_buffer("unsigned char[]", data)
-        take_errors()
+        clear_errors()
         res = lib.mtmd_helper_bitmap_init_from_buf(mctx.ptr, buf, len(data), False, lib.mtmd_helper_init_opt_default())
         video = res.video_ctx
         if res.bitmap == ffi.NULL:
             if video != ffi.NULL:
                 lib.mtmd_helper_video_free(video)
             what = "audio" if is_audio else "an image"
-            raise MediaError(f"could not decode the media data as {what} (corrupt or unsupported format): "
-                             f"{take_errors() or 'see the llamabind log'}")
+            fail(MediaError, f"could not decode the media data as {what} (corrupt or unsupported format)")
         extra = None if video == ffi.NULL else (lambda v=video: lib.mtmd_helper_video_free(v))
         bm = cls(res.bitmap, extra)
         if video != ffi.NULL:
@@ -537,7 +532,7 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
     mctx = chunks.mctx
     new_n_past = ffi.new("llama_pos *", n_past)
     ctx.memory.seq_rm(seq_id, n_past, -1)
-    take_errors()
+    clear_errors()
     with ctx.hold(), mctx._lock:
         cptr = ctx.ptr
         ctx.abort_flag_clear()
@@ -550,15 +545,11 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
             if cancel is not None:
                 ctx.restore_abort()
     if rc != 0:
-        reason = take_errors()
+        why = reason("")
         ctx.memory.seq_rm(seq_id, n_past, -1)  # drop whatever the failed evaluation wrote
-        if "failed to encode" in reason:
-            raise MtmdError(f"libmtmd could not encode the media: {reason}")
-        if rc == 2:
-            raise AbortedError("mtmd_helper_eval_chunks: aborted", rc)
-        if rc == 1:
-            raise KVCacheFullError(f"mtmd_helper_eval_chunks: no KV-cache slot for the batch: {reason}", rc)
-        raise DecodeError(f"mtmd_helper_eval_chunks failed with code {rc}: {reason or 'see the llamabind log'}", rc)
+        if "failed to encode" in why:
+            raise MtmdError(f"libmtmd could not encode the media: {why}")
+        check_decode(rc, "mtmd_helper_eval_chunks", why)
     ctx.set_outputs(1 if logits_last else 0)
     return int(new_n_past[0])
 

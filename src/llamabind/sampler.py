@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ._handle import Handle
-from .binding import ffi, lib, take_errors
+from .raw import clear_errors, fail, ffi, lib, reason
 from .errors import BusyError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Sampler(Handle):
     def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = (), vocab: "Vocab | None" = None,
                  error: str | None = None, n_vocab: int | None = None) -> None:
         if ptr == ffi.NULL:
-            raise InvalidInputError(f"could not create {what}: {error or take_errors() or 'invalid parameters'}")
+            raise InvalidInputError(f"could not create {what}: {error or reason('invalid parameters')}")
         # A sampler that reads a vocab is a child of its model: closing the model closes it first.
         super().__init__(ptr, lib.llama_sampler_free, parent=vocab.model if vocab is not None else None)
         self._keep = list(keep)  # Python objects the C sampler points into
@@ -151,12 +151,12 @@ class Sampler(Handle):
         pats = [ffi.new("char[]", p.encode()) for p in patterns]
         toks = np.ascontiguousarray(list(trigger_tokens), dtype=np.int32)
         vocab.check_tokens(toks)
-        take_errors()
+        clear_errors()
         ptr = lib.llamabind_sampler_init_grammar(
             vocab.ptr, grammar.encode(), root.encode(), lazy, ffi.new("const char *[]", pats) if pats else ffi.NULL,
             len(pats), ffi.from_buffer("llama_token[]", toks) if toks.size else ffi.NULL, toks.size,
             _err.buf, 512)
-        logged = take_errors() if ptr == ffi.NULL else ""
+        logged = reason("") if ptr == ffi.NULL else ""
         error = None if ptr != ffi.NULL else _err.text() + (f" ({logged})" if logged else "")
         return cls(ptr, "lazy grammar" if lazy else "grammar", vocab=vocab, error=error)
 
@@ -421,12 +421,12 @@ def sample_fast(sampler: Sampler, cptr, idx: int, n_vocab: int) -> int:
     if sampler._greedy and n_vocab >= 16384:
         p = lib.llama_get_logits_ith(cptr, idx)
         if p == ffi.NULL:
-            raise InvalidInputError(f"no logits for batch row {idx}: {take_errors()}")
+            fail(InvalidInputError, f"no logits for batch row {idx}")
         return int(np.argmax(np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32)))
     with sampler._use() as ptr:
         tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
         if tok < 0:
-            take_errors()
+            clear_errors()
         sampler._raised(tok < 0)
     return tok
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from . import _build_info
-from .binding import ffi, lib
+from .raw import ffi, lib
 
 __version__ = "0.1.0"
 

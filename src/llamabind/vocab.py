@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import codecs
-import threading
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .binding import ffi, lib
+from .raw import ffi, lib
 from .errors import ClosedError, InvalidInputError
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 
-from . import _llamabind
-from ._llamabind import ffi, lib
+from .. import _llamabind
+from .._llamabind import ffi, lib
 
 __all__ = ["ffi", "lib", "logger"]
 
@@ -70,7 +70,7 @@ def take_errors() -> str:
 def _init() -> None:
     lib.llama_log_set(lib._llamabind_log, ffi.NULL)
     lib.mtmd_helper_log_set(lib._llamabind_log, ffi.NULL)
-    from . import _build_info
+    from .. import _build_info
 
     if _build_info.BACKEND_DL:
         # Backends are separate modules next to this file; ggml picks the best CPU variant.
