@@ -74,7 +74,7 @@ def test_stop_strings_are_never_leaked(gemma_ctx):
 
 
 def test_stop_matcher_holds_back_prefixes():
-    from llamabind.generate import StopMatcher
+    from llamabind.generation import StopMatcher
 
     m = StopMatcher(["</s>", "STOP"])
     assert m.push("hello <") == ("hello ", False)

@@ -29,7 +29,7 @@ from .context import Context, PerfData
 from .memory import CachedTokens, Memory
 from .sampler import PySampler, Sampler, TokenDataArray
 from .embeddings import Embedder, Reranker, RerankResult
-from .generate import (
+from .generation import (
     Cancel,
     DoneEvent,
     TokenEvent,

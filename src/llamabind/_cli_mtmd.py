@@ -37,7 +37,7 @@ def run_generate_mm(args) -> int:
         if model.chat_template() is not None:
             # the same text a chat message with these media parts renders to
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}], True)
-            add_special = not mtmd._bos_in_text(ctx, prompt)
+            add_special = not ctx.vocab.starts_with_bos(prompt)
         else:
             add_special = True
         sampler = _sampler(args, model.vocab)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .raw import ffi, lib
 from .context import Context
-from .generate import DoneEvent, generate, generate_many
+from .generation import DoneEvent, generate, generate_many
 from .model import Model
 from .sampler import Sampler
 

@@ -79,6 +79,12 @@ class Vocab:
     def type(self) -> int:
         return lib.llama_vocab_type(self.ptr)
 
+    def starts_with_bos(self, text: str) -> bool:
+        """Whether ``text`` (a rendered chat template, say) already begins with the BOS token's text,
+        so tokenizing it must not add another."""
+        bos = self.bos
+        return bos is not None and text.startswith(self.text(bos))
+
     def check_token(self, token: int) -> int:
         """``token`` as an int, or InvalidInputError unless it is in [0, n_tokens)."""
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):

@@ -1,0 +1,74 @@
+"""What a generation yields: a TokenEvent per token, a DoneEvent per sequence; and Cancel, the
+flag that stops one from any thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..raw import ffi
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token and the text it released (held-back or incomplete text comes later).
+
+    ``token`` is None for the final flush of held-back text when generation ends.
+    """
+
+    token: int | None
+    text: str
+    index: int = 0
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Timings:
+    """Wall-clock time to first token, and llama.cpp's own prompt and generation rates."""
+
+    ttft_s: float
+    prompt_tps: float
+    generation_tps: float
+    prompt_ms: float
+    generation_ms: float
+
+
+@dataclass(slots=True)
+class DoneEvent:
+    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``, ``error``),
+    counts, timings, and all that was generated. With ``error`` the exception is in ``error``,
+    and the generator raises it right after its last DoneEvent."""
+
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    index: int = 0
+    error: BaseException | None = None
+
+
+class Cancel:
+    """Cancels a running generation from any thread, also in the middle of a prompt prefill.
+
+    The flag is read by a C abort callback between graph nodes, so waiting for it costs
+    nothing; the context stays usable afterwards.
+    """
+
+    __slots__ = ("flag",)
+
+    def __init__(self) -> None:
+        self.flag = ffi.new("int *")  # the C int the abort callback reads
+
+    def set(self) -> None:
+        self.flag[0] = 1
+
+    def clear(self) -> None:
+        self.flag[0] = 0
+
+    def is_set(self) -> bool:
+        return self.flag[0] != 0
