@@ -88,15 +88,16 @@ _HEADER = struct.Struct("<4sIqq").unpack_from
 
 # files found valid: (device, inode, size) -> (end of the metadata, its CRC-32); a recheck of
 # an unchanged file only checksums the metadata (the verdict depends on nothing else)
-_valid: dict[tuple[int, int, int], tuple[int, int]] = {}
+_valid: dict[tuple[int, int, int], tuple[int, int, frozenset[str]]] = {}
 
 
 class _Bad(Exception):
     """A structural problem; check_gguf turns it into ModelLoadError."""
 
 
-def check_gguf(path: str | os.PathLike[str]) -> None:
-    """Raise ModelLoadError (ModelNotFoundError if missing) unless ``path`` is a well-formed GGUF file."""
+def check_gguf(path: str | os.PathLike[str]) -> frozenset[str]:
+    """Raise ModelLoadError (ModelNotFoundError if missing) unless ``path`` is a well-formed GGUF file;
+    return the names of its tensors."""
     name = os.fspath(path)
     try:
         f = open(name, "rb")
@@ -114,11 +115,14 @@ def check_gguf(path: str | os.PathLike[str]) -> None:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 known = _valid.get(identity)
                 if known and zlib.crc32(buf[:known[0]]) == known[1]:
-                    return
-                end = _Parser(buf, size).check()
+                    return known[2]
+                parser = _Parser(buf, size)
+                end = parser.check()
                 if len(_valid) >= 64:
                     _valid.clear()
-                _valid[identity] = (end, zlib.crc32(buf[:end]))
+                names = frozenset(parser.names)
+                _valid[identity] = (end, zlib.crc32(buf[:end]), names)
+                return names
         except _Bad as e:
             raise ModelLoadError(f"invalid GGUF file {name!r}: {e}") from None
         except (struct.error, OverflowError) as e:  # not expected: every read is bounds-checked
@@ -131,6 +135,7 @@ class _Parser:
     """Walks the metadata of one GGUF file held in ``buf`` (``size`` bytes)."""
 
     def __init__(self, buf: mmap.mmap, size: int) -> None:
+        self.names: list[str] = []
         self.buf = buf
         self.size = size
         self.pos = 0
@@ -320,6 +325,7 @@ class _Parser:
             if raw in seen:
                 raise _Bad(f"{self.where}: duplicate tensor name")
             seen.add(raw)
+            self.names.append(raw.decode("utf-8", "replace"))
             n_dims = self.u32("n_dims")
             if not 1 <= n_dims <= GGML_MAX_DIMS:
                 raise _Bad(f"{self.where}: {n_dims} dimensions, expected 1 to {GGML_MAX_DIMS}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..raw import ffi
 
+
 @dataclass(slots=True)
 class TokenEvent:
     """One generated token and the text it released (held-back or incomplete text comes later).

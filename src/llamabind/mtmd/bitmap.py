@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._handle import Handle
-from ..raw import clear_errors, fail, ffi, lib
 from ..errors import (
     InvalidInputError,
     MtmdError,
 )
-from typing import TYPE_CHECKING
-
+from ..raw import clear_errors, fail, ffi, lib
 from .types import Media, MediaError, _str_or_none
 
 if TYPE_CHECKING:

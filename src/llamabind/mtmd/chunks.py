@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .._handle import Handle
 from ..raw import ffi, lib
-from typing import TYPE_CHECKING
-
 from .types import ChunkType, _str_or_none
 
 if TYPE_CHECKING:

@@ -6,10 +6,8 @@ import os
 import threading
 from typing import Any, Sequence
 
-
 from .. import _params
 from .._handle import Handle
-from ..raw import clear_errors, fail, ffi, lib
 from ..errors import (
     InvalidInputError,
     ModelNotFoundError,
@@ -17,10 +15,10 @@ from ..errors import (
 )
 from ..gguf_check import check_gguf
 from ..model import Model, _Progress
+from ..raw import clear_errors, fail, ffi, lib
 from .bitmap import Bitmap
 from .chunks import Chunk, Chunks
 from .types import Media, MediaError
-
 
 # -- the projector ----------------------------------------------------------------------------
 

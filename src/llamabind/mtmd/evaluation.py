@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-
-
-from ..raw import check_decode, clear_errors, ffi, lib, reason
 from ..context import Context
 from ..errors import (
     ContextOverflowError,
@@ -12,9 +9,9 @@ from ..errors import (
     MtmdError,
 )
 from ..generation import Cancel
+from ..raw import check_decode, clear_errors, ffi, lib, reason
 from .chunks import Chunks
 from .types import ChunkType
-
 
 # -- evaluation -------------------------------------------------------------------------------
 

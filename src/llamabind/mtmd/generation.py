@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-
 from ..context import Context
 from ..errors import (
     AbortedError,
@@ -19,7 +18,6 @@ from .chunks import Chunks
 from .context import MtmdContext
 from .evaluation import _check_eval, _eval
 from .types import Media
-
 
 # -- chat -------------------------------------------------------------------------------------
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from ..raw import ffi, lib
 from ..errors import (
     InvalidInputError,
     MtmdError,
 )
-from typing import TYPE_CHECKING
+from ..raw import ffi, lib
 
 if TYPE_CHECKING:
     from .bitmap import Bitmap

@@ -1,205 +1,20 @@
-"""Embeddings and reranking over a context in embedding mode.
-
-``Embedder(model)`` owns a context made for embeddings (all sequences in one unified KV
-cache, up to ``llama_max_parallel_sequences()`` texts per batch) and turns texts into
-float32 numpy arrays:
-
-    emb = Embedder(model, pooling="mean")
-    vecs = emb.embed(["a text", "another"], normalize="l2", dim=256)   # (2, 256)
-    toks = Embedder(model, pooling="none").embed_tokens(["a text"])     # [(n_tokens, n_embd)]
-    hits = Embedder(reranker, pooling="rank").rerank("query", docs, top_n=3)
-
-Many texts are packed into one batch by sequence id, split over several batches when
-they do not fit; encoder-only models (BERT family, no KV memory) run through
-``llama_encode``, decoder models through ``llama_decode``. Results are read straight from
-llama.cpp's output buffers: one memcpy per pooled sequence, one numpy copy per batch for
-per-token output. Normalisations follow llama.cpp's ``common_embd_normalize``
-(``--embd-normalize``): none (-1), max-abs int16 (0), taxicab (1), euclidean (2), p-norm (p).
-"""
+"""The Embedder: texts to float32 arrays over a context in embedding mode, batched by sequence."""
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .batch import Batch
-from .raw import ffi, lib
-from .context import Context
-from .errors import ContextOverflowError, InvalidInputError
-from .model import Model
-
-__all__ = ["Embedder", "Reranker", "RerankResult", "normalize", "is_reranker", "POOLING", "NORMALIZE"]
-
-#: pooling names accepted by Embedder (llama.cpp's ``--pooling``); None/"default": the model's own
-POOLING = ("none", "mean", "cls", "last", "rank")
-#: normalisation names accepted by ``normalize=`` (integers as in llama.cpp's ``--embd-normalize`` also work)
-NORMALIZE = ("none", "maxabs", "taxicab", "l2", "pnorm")
-
-_POOLING_IDS = {
-    "unspecified": lib.LLAMA_POOLING_TYPE_UNSPECIFIED, "none": lib.LLAMA_POOLING_TYPE_NONE,
-    "mean": lib.LLAMA_POOLING_TYPE_MEAN, "cls": lib.LLAMA_POOLING_TYPE_CLS,
-    "last": lib.LLAMA_POOLING_TYPE_LAST, "rank": lib.LLAMA_POOLING_TYPE_RANK,
-}
-_POOLING_NAMES = {v: k for k, v in _POOLING_IDS.items()}
-_INT16_SCALE = 32760.0  # common_embd_normalize: max-abs maps onto the int16 range
-
-Normalize = Union[str, int, None]
-_NO_RERANKER = ("rank pooling needs a reranker: a model with a classification head (cls / cls.output tensors, "
-                "classifier labels or a rerank template); this model has none")
-
-
-@dataclass(frozen=True, slots=True)
-class RerankResult:
-    """One document of a rerank: its position in the input, its score and its text."""
-
-    index: int
-    score: float
-    document: str
-
-
-# -- normalisation -------------------------------------------------------------------------------
-
-def _norm_mode(mode: Normalize, p: float | None) -> tuple[str, float]:
-    """Resolve a ``normalize=`` value (name or llama.cpp integer) to (name, p)."""
-    if isinstance(mode, bool):
-        raise InvalidInputError(f"normalize must be one of {', '.join(NORMALIZE)} or an int, not {mode!r}")
-    if mode is None:
-        return "none", 0.0
-    if mode == "auto":
-        mode = "l2"
-    if isinstance(mode, (int, np.integer)):
-        mode = int(mode)
-        if mode < 0:
-            return "none", 0.0
-        if mode == 0:
-            return "maxabs", 0.0
-        return ("l2", 2.0) if mode == 2 else ("pnorm", float(mode))
-    if not isinstance(mode, str):
-        raise InvalidInputError(f"normalize must be one of {', '.join(NORMALIZE)} or an int, not {type(mode).__name__}")
-    name = mode.lower().replace("-", "").replace("_", "")
-    name = {"euclidean": "l2", "l1": "taxicab", "int16": "maxabs", "max": "maxabs"}.get(name, name)
-    if name == "taxicab":
-        return "pnorm", 1.0
-    if name == "pnorm":
-        if p is None:
-            raise InvalidInputError("normalize='pnorm' needs p= (p=1 taxicab, p=2 euclidean)")
-        if not (isinstance(p, (int, float)) and np.isfinite(p) and p > 0):
-            raise InvalidInputError(f"p must be a finite number > 0, got {p!r}")
-        return ("l2", 2.0) if p == 2 else ("pnorm", float(p))
-    if name in ("none", "maxabs", "l2"):
-        return name, 0.0
-    raise InvalidInputError(f"unknown normalize {mode!r}: use one of {', '.join(NORMALIZE)} or an int")
-
-
-def normalize(x: np.ndarray, mode: Normalize = "l2", p: float | None = None) -> np.ndarray:
-    """The rows of ``x`` normalised like llama.cpp's common_embd_normalize, as a new float32 array."""
-    return _normalize(np.array(x, dtype=np.float32), *_norm_mode(mode, p))
-
-
-def _normalize(x: np.ndarray, name: str, pp: float) -> np.ndarray:
-    """Normalise the rows of the float32 array ``x`` in place (norms accumulated in float64)."""
-    if name == "none" or x.size == 0:
-        return x
-    x64 = x.astype(np.float64)
-    if name == "maxabs":
-        s = np.abs(x64).max(axis=-1, keepdims=True) / _INT16_SCALE
-    elif name == "l2":
-        s = np.sqrt(np.einsum("...i,...i->...", x64, x64))[..., None]
-    else:
-        s = np.power(np.power(np.abs(x64), pp).sum(axis=-1, keepdims=True), 1.0 / pp)
-    with np.errstate(divide="ignore"):
-        scale = np.where(s > 0.0, 1.0 / s, 0.0).astype(np.float32)
-    np.multiply(x, scale, out=x)
-    return x
-
-
-
-
-# -- model facts ---------------------------------------------------------------------------------
-
-def _gguf_tensor_names(path: str) -> set[str]:
-    """Names of the tensors in a GGUF file (header walk only; empty set if it cannot be read)."""
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-            if len(head) < 24 or head[:4] != b"GGUF":
-                return set()
-            n_tensors, n_kv = struct.unpack_from("<qq", head, 8)
-
-            def u64() -> int:
-                return struct.unpack("<Q", f.read(8))[0]
-
-            def skip_value(t: int) -> None:
-                if t == 8:
-                    f.seek(u64(), os.SEEK_CUR)
-                elif t == 9:
-                    et, n = struct.unpack("<I", f.read(4))[0], u64()
-                    if et == 8:
-                        for _ in range(n):
-                            f.seek(u64(), os.SEEK_CUR)
-                    elif et in sizes:
-                        f.seek(n * sizes[et], os.SEEK_CUR)
-                    else:
-                        raise ValueError("nested array")
-                else:
-                    f.seek(sizes[t], os.SEEK_CUR)
-
-            for _ in range(n_kv):
-                f.seek(u64(), os.SEEK_CUR)
-                skip_value(struct.unpack("<I", f.read(4))[0])
-            names = set()
-            for _ in range(n_tensors):
-                names.add(f.read(u64()).decode("utf-8", "replace"))
-                n_dims = struct.unpack("<I", f.read(4))[0]
-                f.seek(8 * n_dims + 4 + 8, os.SEEK_CUR)
-            return names
-    except (OSError, ValueError, KeyError, struct.error):
-        return set()
-
-
-def is_reranker(model: Model) -> bool:
-    """True if the model has a classification head for rank pooling (cls/cls.output tensors, labels, rerank template)."""
-    arch = model.architecture or ""
-    if model.meta(f"{arch}.pooling_type") == str(int(lib.LLAMA_POOLING_TYPE_RANK)):
-        return True
-    if model.meta(f"{arch}.classifier.output_labels") is not None or model.chat_template("rerank") is not None:
-        return True
-    names = _gguf_tensor_names(model.path)
-    return "cls.output.weight" in names or "cls.weight" in names
-
-
-def _pooling_id(pooling: str | int | None) -> int:
-    if pooling is None or pooling == "default":
-        return lib.LLAMA_POOLING_TYPE_UNSPECIFIED
-    if isinstance(pooling, str) and pooling.lower() in _POOLING_IDS:
-        return _POOLING_IDS[pooling.lower()]
-    if isinstance(pooling, int) and not isinstance(pooling, bool) and pooling in _POOLING_NAMES:
-        return pooling
-    raise InvalidInputError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLING)} or None (model default)")
-
-
-def _check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise InvalidInputError("texts must be a list of strings, not a single string (wrap it in a list)")
-    try:
-        items = list(texts)
-    except TypeError:
-        raise InvalidInputError(f"texts must be a list of strings, not {type(texts).__name__}") from None
-    if not items:
-        raise InvalidInputError("texts is empty: nothing to embed")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise InvalidInputError(f"text {i} is {type(t).__name__}, not str")
-        if not t:
-            raise InvalidInputError(f"text {i} is an empty string")
-    return items
-
+from ..batch import Batch
+from ..context import Context
+from ..errors import ContextOverflowError, InvalidInputError
+from ..model import Model
+from ..raw import ffi, lib
+from .facts import RerankResult, _check_texts, _pooling_id, is_reranker
+from .normalize import _NO_RERANKER, _POOLING_NAMES, Normalize, _norm_mode, _normalize
 
 # -- the embedder --------------------------------------------------------------------------------
 
@@ -508,15 +323,3 @@ class Embedder:
         if top_n is not None:
             order = order[:top_n]
         return [RerankResult(int(i), float(s[i]), docs[i]) for i in order]
-
-
-class Reranker(Embedder):
-    """An Embedder with rank pooling: ``Reranker(model).rerank(query, documents, top_n=3)``."""
-
-    def __init__(self, source: Model | Context | str | os.PathLike, **kw: Any) -> None:
-        if not isinstance(source, Context):
-            kw.setdefault("pooling", "rank")
-        super().__init__(source, **kw)
-        if self.pooling != "rank":
-            self.close()
-            raise InvalidInputError(f"a Reranker needs rank pooling, the context pools with {self.pooling!r}")
