@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import _missing
 
 from llamabind.errors import ModelLoadError, ModelNotFoundError
 from llamabind.gguf_check import GGML_TYPES, check_gguf
@@ -360,7 +361,7 @@ def test_recheck_sees_in_place_change(layout: Layout, tmp_path: Path) -> None:
 def test_type_table_matches_ggml(tools_dir: Path) -> None:
     libs = sorted(tools_dir.glob("libggml-base.*")) + sorted(tools_dir.parent.glob("**/libggml-base.*"))
     if not libs:
-        pytest.skip("libggml-base not found next to the native tools")
+        _missing("libggml-base not found next to the native tools")
     lib = ctypes.CDLL(str(libs[0]))
     lib.ggml_blck_size.restype = ctypes.c_int64
     lib.ggml_type_size.restype = ctypes.c_size_t

@@ -522,7 +522,7 @@ def cli_args(files, **kw) -> argparse.Namespace:
 
 
 def test_cli_run_generate_mm(files, capsys, baseline):
-    from llamabind._cli_mtmd import run_generate_mm
+    from llamabind.cli.generate import run_generate_mm
 
     assert run_generate_mm(cli_args(files)) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -535,11 +535,7 @@ def test_cli_run_generate_mm(files, capsys, baseline):
 
 
 def test_cli_subprocess(files, baseline):
-    """``python -m llamabind generate --mmproj`` once __main__ routes --mmproj to run_generate_mm."""
-    help_text = subprocess.run([sys.executable, "-m", "llamabind", "generate", "--help"], capture_output=True,
-                               text=True, timeout=120).stdout
-    if "--mmproj" not in help_text:
-        pytest.skip("the generate command has no --mmproj option yet")
+    """``python -m llamabind generate --mmproj``: the same tokens as the API."""
     r = subprocess.run([sys.executable, "-m", "llamabind", "generate", "-m", files["model"], "--mmproj",
                         files["vision"], "--image", files["png"], "-p", PROMPT, "-n", "24", "--temp", "0",
                         "-t", str(THREADS), "-c", str(N_CTX), "--json"],

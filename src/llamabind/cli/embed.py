@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from .common import model_args
+
 import numpy as np
 
 
@@ -29,7 +31,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``embed`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("embed", help="embed texts (one per line on stdin) or rerank documents",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="GGUF embedding (or reranker) model")
     p.add_argument("--pooling", default=None, choices=["none", "mean", "cls", "last", "rank"],
                    help="pooling (default: the model's)")
     p.add_argument("--normalize", type=_normalize_arg, default="auto",
@@ -42,11 +43,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rerank", metavar="QUERY", default=None, help="score each line as a document against QUERY")
     p.add_argument("--top-n", type=int, default=None, help="with --rerank: keep the best N")
     p.add_argument("-o", "--output", default=None, help="write .npy (pooled) or .npz (per-token) instead of JSON")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: the model's, at most 8192)")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="tokens per batch (default: the context size)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload (-1: all)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="show llama.cpp's log (-vv: debug)")
+    model_args(p, required=True, what="GGUF embedding (or reranker) model", ctx_size=None,
+               ctx_help="context size (default: the model's, at most 8192)")
     p.set_defaults(fn=run_embed)
     return p
 
@@ -67,7 +66,7 @@ def read_lines(stream: TextIO) -> list[str]:
 def run_embed(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run the ``embed`` command; returns the exit status."""
     import llamabind as lb
-    from .embeddings import Embedder
+    from ..embeddings import Embedder
 
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout

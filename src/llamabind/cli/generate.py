@@ -1,4 +1,4 @@
-"""``python -m llamabind generate --mmproj MMPROJ --image FILE [--audio FILE] -p PROMPT``.
+"""``python -m llamabind generate``: text from a prompt; with ``--mmproj``, images and audio too.
 
 Called by the ``generate`` command when ``--mmproj`` is given. The prompt is built as
 llama-mtmd-cli builds it: when it holds no media marker, one marker per media file is put
@@ -11,13 +11,39 @@ from __future__ import annotations
 import os
 import sys
 
+from .common import make_sampler, model_args, open_model, print_events, progress_bar, sampling_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
+    p.add_argument("--mmproj", help="multimodal projector GGUF (enables --image/--audio)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable; needs --mmproj)")
+    p.add_argument("--audio", action="append", default=[], help="audio file (repeatable; needs --mmproj)")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    import llamabind as lb
+
+    if args.mmproj:
+        return run_generate_mm(args)
+    model, ctx = open_model(args)
+    with model, ctx:
+        sampler = make_sampler(args, model.vocab)
+        events = lb.generate(ctx, args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop)
+        print_events(events, args.json)
+    return 0
+
 
 def run_generate_mm(args) -> int:
     import llamabind as lb
     from llamabind import mtmd
 
-    from .__main__ import _progress_bar, _sampler, print_events
-    from .models import default_model_path
+    from ..models import default_model_path
 
     files = list(getattr(args, "image", None) or []) + list(getattr(args, "audio", None) or [])
     if not files:
@@ -26,7 +52,7 @@ def run_generate_mm(args) -> int:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"media file not found: {f}")
     path = args.model or default_model_path(lambda msg: print(msg, file=sys.stderr))
-    model = lb.Model(path, n_gpu_layers=args.n_gpu_layers, progress=_progress_bar("loading"))
+    model = lb.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading"))
     with model:
         ctx = lb.Context(model, n_ctx=args.ctx_size, n_threads=args.threads)
         mctx = mtmd.MtmdContext(model, args.mmproj, use_gpu=args.n_gpu_layers != 0, n_threads=args.threads)
@@ -40,7 +66,7 @@ def run_generate_mm(args) -> int:
             add_special = not ctx.vocab.starts_with_bos(prompt)
         else:
             add_special = True
-        sampler = _sampler(args, model.vocab)
+        sampler = make_sampler(args, model.vocab)
         events = mtmd.generate(ctx, mctx, prompt, bitmaps, max_tokens=args.n_predict, sampler=sampler,
                                stop=args.stop, add_special=add_special, parse_special=True)
         for b in bitmaps:

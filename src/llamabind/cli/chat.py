@@ -1,0 +1,48 @@
+"""``python -m llamabind chat``: an interactive chat with the model's template, reusing the KV cache."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import make_sampler, model_args, open_model, sampling_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat with the model's template and KV reuse")
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("--system", default="", help="system message")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    import llamabind as lb
+
+    model, ctx = open_model(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    with model, ctx:
+        sampler = make_sampler(args, model.vocab)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = None
+            for ev in lb.generate(ctx, messages=messages, max_tokens=args.n_predict, sampler=sampler,
+                                  stop=args.stop):
+                if isinstance(ev, lb.TokenEvent):
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                else:
+                    reply = ev
+            sys.stdout.write("\n")
+            if args.verbose and reply is not None:
+                print(f"[{reply.usage.cached_tokens}/{reply.usage.prompt_tokens} prompt tokens from cache]",
+                      file=sys.stderr)
+            messages.append({"role": "assistant", "content": reply.text if reply else ""})
+    return 0
