@@ -27,7 +27,8 @@ from .vocab import Detokenizer, Vocab
 from .batch import Batch
 from .context import Context, PerfData
 from .memory import CachedTokens, Memory
-from .sampler import PySampler, Sampler, TokenDataArray
+from .pysampler import PySampler, TokenDataArray
+from .sampler import Sampler
 from .embeddings import Embedder, Reranker, RerankResult
 from .generation import (
     Cancel,

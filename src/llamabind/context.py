@@ -14,8 +14,9 @@ from . import _params
 from ._handle import Handle
 from .batch import Batch
 from .raw import check_decode, clear_errors, fail, ffi, lib
-from .errors import BusyError, ClosedError, InputNotFoundError, InvalidInputError, LlamaError, ModelLoadError
+from .errors import BusyError, ClosedError, InvalidInputError, LlamaError, ModelLoadError
 from .memory import CachedTokens, Memory
+from .state import ContextState
 from .model import LoraAdapter, Model
 
 
@@ -77,7 +78,7 @@ def _check_shape(p) -> None:
                                 f"of n_seq_max ({p.n_seq_max})")
 
 
-class Context(Handle):
+class Context(ContextState, Handle):
     """A llama.cpp context over a model: the KV cache, the compute buffers and the outputs.
 
     Keyword arguments set ``llama_context_params`` fields by name; enums take short names
@@ -406,7 +407,7 @@ class Context(Handle):
                 raise InvalidInputError(f"no pooled embedding for sequence {seq_id} (pooling none, or not decoded)")
             return self._copy(p, width if n is None else n)
 
-    # -- perf and state ----------------------------------------------------------------------
+    # -- perf ----------------------------------------------------------------------------
     def perf(self) -> PerfData:
         with self.hold():
             d = lib.llama_perf_context(self.ptr)
@@ -415,86 +416,6 @@ class Context(Handle):
     def perf_reset(self) -> None:
         with self.hold():
             lib.llama_perf_context_reset(self.ptr)
-
-    def state_save(self) -> bytes:
-        """The whole context state (KV cache, outputs, RNG) as bytes."""
-        with self.hold():
-            size = lib.llama_state_get_size(self.ptr)
-            buf = bytearray(size)
-            n = lib.llama_state_get_data(self.ptr, ffi.from_buffer("uint8_t[]", buf), size)
-        return bytes(buf[:n])
-
-    def state_load(self, data: bytes, tokens: Any = None) -> None:
-        """Restore a state saved by ``state_save`` (same model and context parameters).
-
-        ``tokens``: what sequence 0 held when saved (``cached_tokens(0)``), so that ``generate``
-        reuses it as a cached prefix; without it the next generation decodes from scratch.
-        """
-        data = _as_bytes(data)
-        with self.hold():
-            n = lib.llama_state_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data))
-            self._tokens.forget(-1)
-            self.set_outputs(0)
-            if n == 0:
-                fail(InvalidInputError, "state data rejected", 'wrong size or model')
-            if tokens is not None:
-                self._tokens.set(0, tokens)
-
-    def cached_tokens(self, seq_id: int = 0) -> list[int]:
-        """The tokens ``generate`` knows to be in the KV cache of a sequence (its reusable prefix)."""
-        self.check_seq(seq_id)
-        return self._tokens.get(seq_id)
-
-    @property
-    def tokens(self) -> CachedTokens:
-        """The per-sequence record of cached tokens that prefix reuse trusts (kept by llamabind)."""
-        return self._tokens
-
-    def seq_state_save(self, seq_id: int) -> bytes:
-        """One sequence's KV state as bytes."""
-        self.check_seq(seq_id)
-        with self.hold():
-            size = lib.llama_state_seq_get_size(self.ptr, seq_id)
-            buf = bytearray(size)
-            n = lib.llama_state_seq_get_data(self.ptr, ffi.from_buffer("uint8_t[]", buf), size, seq_id)
-        return bytes(buf[:n])
-
-    def seq_state_load(self, data: bytes, seq_id: int) -> None:
-        """Load a sequence state saved by ``seq_state_save`` into ``seq_id``."""
-        self.check_seq(seq_id)
-        data = _as_bytes(data)
-        with self.hold():
-            n = lib.llama_state_seq_set_data(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data), seq_id)
-            self._tokens.forget(seq_id)
-            if n == 0:
-                fail(InvalidInputError, "sequence state rejected", 'wrong size or model')
-
-    def state_save_file(self, path: str | os.PathLike, tokens: Any = None) -> None:
-        """Save the context state and ``tokens`` (default: the tokens of sequence 0 in the cache) to a file."""
-        toks = np.ascontiguousarray(self._tokens.get(0) if tokens is None else tokens, dtype=np.int32)
-        with self.hold():
-            ok = lib.llama_state_save_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), toks.size)
-        if not ok:
-            fail(LlamaError, f"could not save state to {path}")
-
-    def state_load_file(self, path: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
-        """Load a state file; returns the tokens saved with it, which ``generate`` then reuses
-        as the cached prefix of sequence 0."""
-        if not os.path.isfile(path):
-            raise InputNotFoundError(f"state file not found: {path}")
-        cap = max_tokens or self.n_ctx
-        if cap < 1:
-            raise InvalidInputError("max_tokens must be >= 1")
-        toks = np.zeros(cap, dtype=np.int32)
-        n = ffi.new("size_t *")
-        with self.hold():
-            ok = lib.llama_state_load_file(self.ptr, os.fsencode(path), ffi.from_buffer("llama_token[]", toks), cap, n)
-            self._tokens.forget(-1)
-            self.set_outputs(0)
-            if not ok:
-                fail(InvalidInputError, f"could not load state from {path}")
-            self._tokens.set(0, toks[: n[0]])
-        return toks[: n[0]].copy()
 
 
 class _Hold:
@@ -514,9 +435,3 @@ class _Hold:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-
-
-def _as_bytes(data: Any) -> bytes:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise InvalidInputError(f"state data must be bytes, not {type(data).__name__}")

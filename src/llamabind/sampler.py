@@ -47,7 +47,7 @@ class Sampler(Handle):
     """
 
     def __init__(self, ptr, what: str = "sampler", keep: Sequence[object] = (), vocab: "Vocab | None" = None,
-                 error: str | None = None, n_vocab: int | None = None) -> None:
+                 error: str | None = None, n_vocab: int | None = None, py: Any = None) -> None:
         if ptr == ffi.NULL:
             raise InvalidInputError(f"could not create {what}: {error or reason('invalid parameters')}")
         # A sampler that reads a vocab is a child of its model: closing the model closes it first.
@@ -58,7 +58,7 @@ class Sampler(Handle):
         self._n_vocab = vocab.n_tokens if vocab is not None else n_vocab  # where the sampler knows it
         # Where the grammars are: () is this sampler, (i, ...) member i of this chain (and so on down).
         self._grammar_paths: list[tuple[int, ...]] = [()] if what in ("grammar", "lazy grammar") else []
-        self._py: list[PySampler] = [k for k in keep if isinstance(k, PySampler)]
+        self._py: list[Any] = [py] if py is not None else []  # PySamplers inside, whose errors are raised
         self._failed: str | None = None
         self._lock = threading.RLock()  # one user at a time; close waits for a running sample
         self._busy: int | None = None   # thread inside llama.cpp with this sampler
@@ -429,94 +429,3 @@ def sample_fast(sampler: Sampler, cptr, idx: int, n_vocab: int) -> int:
             clear_errors()
         sampler._raised(tok < 0)
     return tok
-
-
-class TokenDataArray:
-    """What a Python sampler sees: candidate tokens as a numpy view, and the selection."""
-
-    __slots__ = ("_c", "data")
-
-    def __init__(self, c) -> None:
-        self._c = c
-        self.data = np.frombuffer(ffi.buffer(c.data, c.size * TOKEN_DATA.itemsize), dtype=TOKEN_DATA)
-
-    @property
-    def selected(self) -> int:
-        return int(self._c.selected)
-
-    @selected.setter
-    def selected(self, i: int) -> None:
-        if not -1 <= i < self._c.size:
-            raise InvalidInputError(f"selected index {i} out of range")
-        self._c.selected = i
-
-    @property
-    def sorted(self) -> bool:
-        return bool(self._c.sorted)
-
-    @sorted.setter
-    def sorted(self, value: bool) -> None:
-        self._c.sorted = value
-
-    def _release(self) -> None:
-        self._c = ffi.new("llama_token_data_array *")
-        self.data = np.zeros(0, dtype=TOKEN_DATA)
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first ``n`` candidates."""
-        if not 1 <= n <= self._c.size:
-            raise InvalidInputError(f"cannot truncate {self._c.size} candidates to {n}")
-        self._c.size = n
-        self.data = self.data[:n]
-
-
-class PySampler:
-    """Base class for samplers written in Python; ``as_sampler()`` makes a llama.cpp sampler.
-
-    Override ``apply(cur)`` (required: edit ``cur.data`` logits in place, or set
-    ``cur.selected``), and optionally ``accept(token)`` and ``reset()``. An exception raised
-    inside never crosses into C: the candidates stay unchanged and the exception is raised
-    to whoever sampled, once llama.cpp has returned.
-    """
-
-    name = "python"
-    _error: BaseException | None = None
-
-    def apply(self, cur: TokenDataArray) -> None:
-        raise NotImplementedError
-
-    def accept(self, token: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def _apply_once(self, smpl: Any, c: Any) -> None:
-        cur = TokenDataArray(c)
-        try:
-            self.apply(cur)
-        finally:
-            cur._release()  # the C array is gone after this call: a kept object sees nothing
-
-    def as_sampler(self) -> Sampler:
-        def guard(fn):
-            def call(*args):
-                try:
-                    fn(*args)
-                except BaseException as e:  # raised to the caller once back in Python
-                    if self._error is None:
-                        self._error = e
-            return call
-
-        name = ffi.new("char[]", self.name.encode())
-        slot = {n: f.type for n, f in ffi.typeof("struct llama_sampler_i").fields}
-        cbs = {
-            "name": ffi.callback(slot["name"], lambda s: name),
-            "accept": ffi.callback(slot["accept"], guard(lambda s, t: self.accept(t))),
-            "apply": ffi.callback(slot["apply"], guard(self._apply_once)),
-            "reset": ffi.callback(slot["reset"], guard(lambda s: self.reset())),
-            "free": ffi.callback(slot["free"], lambda s: None),
-        }
-        iface = ffi.new("struct llama_sampler_i *", cbs)
-        handle = ffi.new_handle(self)
-        return Sampler(lib.llama_sampler_init(iface, handle), "python sampler", keep=[self, name, cbs, iface, handle])
