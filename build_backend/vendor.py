@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -63,9 +64,13 @@ def verify(archive: Path, pin: dict) -> None:
 
 
 def cache_dir() -> Path:
-    """Where fetched archives are kept: ``$LLAMABIND_CACHE`` or ``$XDG_CACHE_HOME/llamabind``, then ``sources/``."""
-    base = os.environ.get("LLAMABIND_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabind"
-    return Path(base) / "sources"
+    """Where fetched archives are kept: ``sources/`` in llamabind's cache directory (the package's
+    own ``_cachedir.py``, loaded by path: the package is not importable while it is being built)."""
+    spec = importlib.util.spec_from_file_location("_llamabind_cachedir", ROOT / "src" / "llamabind" / "_cachedir.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cache_dir() / "sources"
 
 
 def download(pin: dict, into: Path) -> Path:

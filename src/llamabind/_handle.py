@@ -38,6 +38,10 @@ class Handle:
             raise ClosedError(f"{type(self).__name__} is closed")
         return self._ptr
 
+    def adopt(self, child: "Handle") -> None:
+        """Make ``child`` (made elsewhere, e.g. a sampler chain over this model's vocab) close before this."""
+        self._children.add(child)
+
     def _detach(self) -> None:
         """Forget the pointer without freeing it (ownership moved elsewhere, e.g. into a chain)."""
         if self._finalizer is not None:

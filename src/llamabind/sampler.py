@@ -249,7 +249,7 @@ class Sampler(Handle):
             self._py += sampler._py
             if sampler._vocab is not None and self._vocab is None:
                 self._vocab, self._n_vocab = sampler._vocab, sampler._n_vocab
-                sampler._vocab.model._children.add(self)
+                sampler._vocab.model.adopt(self)
             self._greedy = pos == 0 and sampler._greedy
             sampler._detach()
 
@@ -273,7 +273,7 @@ class Sampler(Handle):
     def sample(self, ctx: "Context", idx: int = -1) -> int:
         """Sample (and accept) a token from output row ``idx`` of the context's last decode."""
         with ctx.lease():
-            ctx._output_index(idx)
+            ctx.check_output(idx)
             return sample_fast(self, ctx.ptr, idx, ctx.n_vocab)
 
     def _check_token_ids(self, ids: np.ndarray) -> None:

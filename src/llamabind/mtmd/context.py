@@ -14,7 +14,7 @@ from ..errors import (
     MtmdError,
 )
 from ..gguf_check import check_gguf
-from ..model import Model, _Progress
+from ..model import Model, _Progress, load_failed
 from ..raw import clear_errors, fail, ffi, lib
 from .bitmap import Bitmap
 from .chunks import Chunk, Chunks
@@ -73,12 +73,7 @@ class MtmdContext(Handle):
         clear_errors()
         ptr = lib.mtmd_init_from_file(path.encode(), model.ptr, mparams)
         if ptr == ffi.NULL:
-            if state is not None and state.error is not None:
-                raise MtmdError(f"{path}: progress callback raised {state.error!r}") from state.error
-            if state is not None and getattr(state, "cancelled", False):
-                clear_errors()
-                raise MtmdError(f"{path}: load cancelled by the progress callback")
-            fail(MtmdError, f"libmtmd could not load the projector {path}")
+            load_failed(state, MtmdError, path, f"libmtmd could not load the projector {path}")
         super().__init__(ptr, lib.mtmd_free, parent=model)
         self.model = model
         self.path = path

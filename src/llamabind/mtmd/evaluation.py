@@ -21,7 +21,7 @@ def _check_eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch:
         raise InvalidInputError("the MtmdContext of these chunks is closed")
     if mctx.model is not ctx.model:
         raise InvalidInputError("the chunks were made by an MtmdContext of another model")
-    ctx.memory._check_seq(seq_id)
+    ctx.check_seq(seq_id)
     if n_past < 0:
         raise InvalidInputError(f"n_past must be >= 0, not {n_past}")
     if not 1 <= n_batch <= ctx.n_batch:
