@@ -36,7 +36,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings, strategies as st  # noqa: E402
 from hypothesis import seed as hyp_seed  # noqa: E402
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, multiple, rule, run_state_machine_as_test  # noqa: E402
@@ -525,10 +524,10 @@ class ApiMachine(RuleBasedStateMachine):
         "perf()", "perf_reset()", "synchronize()", "pooling_type", "n_threads", "abort()", "set_threads(1)",
         "set_threads(2, 1)", "set_embeddings(True)", "set_embeddings(False)", "set_causal_attn(False)",
         "set_causal_attn(True)", "memory.can_shift", "memory.clear()", "memory.clear(False)", "set_abort_callback(None)",
-        "set_abort_callback(lambda: False)", "set_abort_callback(boom)", "mark_outputs(0)", "mark_outputs(1)",
-        "mark_outputs(1000)", "mark_outputs(-5)", "cached_tokens(0)", "cached_tokens(7)"]))
+        "set_abort_callback(lambda: False)", "set_abort_callback(boom)", "set_outputs(0)", "set_outputs(1)",
+        "set_outputs(1000)", "set_outputs(-5)", "cached_tokens(0)", "cached_tokens(7)"]))
     def context_call(self, c, call):
-        tag = "ctx_odd" if "set_threads" in call or "mark_outputs" in call else None
+        tag = "ctx_odd" if "set_threads" in call or "set_outputs" in call else None
         self.run(f"_ = {c}.{call}", tag=tag)
         if call.startswith("set_causal_attn") and self.last_ok:
             (self.noncausal.add if "False" in call else self.noncausal.discard)(c)
@@ -655,7 +654,7 @@ class ApiMachine(RuleBasedStateMachine):
     @rule(c=contexts, seq=st.sampled_from([None, 0, 1, 5]))
     def state_save(self, c, seq):
         v = self.name("st")
-        call = f"state_save()" if seq is None else f"seq_state_save({seq})"
+        call = "state_save()" if seq is None else f"seq_state_save({seq})"
         if self.run(f"{v} = {c}.{call}"):
             self.states.append(v)
 

@@ -348,7 +348,6 @@ class Context(ContextState, Handle):
         (batch rows with outputs), or the last ``n_outputs`` rows of its batch."""
         self._out_rows, self._n_outputs = rows, max(0, int(n_outputs))
 
-    mark_outputs = set_outputs  # the name earlier releases used
 
     @property
     def n_outputs(self) -> int:

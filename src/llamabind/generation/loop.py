@@ -14,7 +14,7 @@ import numpy as np
 
 from ..batch import Batch
 from ..context import Context, PerfData
-from ..errors import AbortedError, InvalidInputError, LlamaError
+from ..errors import AbortedError, InvalidInputError
 from ..raw import clear_errors, ffi, lib
 from ..sampler import Sampler, sample_fast
 from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage
@@ -254,9 +254,7 @@ def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel
                 _reuse_prefix(ctx, todo, reuse_cache)
             yield from _prefill(ctx, batch, todo, seqs, cancel, t0)
             yield from _decode_steps(ctx, batch, seqs, cancel, t0)
-        except (LlamaError, MemoryError) as e:
-            error = e
-        except Exception as e:  # a user's sampler or callback: the caller gets it, and the text so far
+        except Exception as e:  # llama.cpp's, or a user's sampler or callback: raised after the DoneEvents
             error = e
         finally:
             if cancel is not None and not ctx.closed:
