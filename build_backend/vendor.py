@@ -14,6 +14,7 @@ Usage: ``python build_backend/vendor.py [--archive FILE] [--force]``
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -185,6 +186,36 @@ def ensure(archive: Path | None = None, force: bool = False, dest: Path = DEST, 
             env = os.environ.get("LLAMABIND_LLAMA_SDIST")
             archive = Path(env) if env else download(pin, cache_dir())
         return extract(Path(archive), pin, dest)
+
+
+def test_material(dest: Path, pin: dict | None = None) -> Path:
+    """Extract the pin's ``test_material`` (llama.cpp's own test files, e.g. the vocabularies
+    under ``models/``, never part of the build or the sdist) into ``dest``, once."""
+    pin = pin or load_pin()
+    patterns = pin.get("test_material", [])
+    stamp = dest / STAMP
+    if stamp.exists() and stamp.read_text() == pin["sha256"] + "\n" + "\n".join(patterns) + "\n":
+        return dest
+    env = os.environ.get("LLAMABIND_LLAMA_SDIST")
+    archive = Path(env) if env else download(pin, cache_dir())
+    verify(archive, pin)
+    dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest), tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.startswith(pin["root"] + "/"):
+                continue
+            rel = member.name[len(pin["root"]) + 1:]
+            if ".." in Path(rel).parts or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                continue
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            with open(str(out) + ".part", "wb") as f:
+                shutil.copyfileobj(src, f)
+            os.replace(str(out) + ".part", out)
+        stamp.write_text(pin["sha256"] + "\n" + "\n".join(patterns) + "\n")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

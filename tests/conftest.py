@@ -92,3 +92,52 @@ def gemma_ctx(gemma_model):
 
     with lb.Context(gemma_model, n_ctx=1024, n_threads=2) as ctx:
         yield ctx
+
+
+TEMPLATES = REPO / "vendor" / "llama.cpp" / "models" / "templates"
+
+
+@pytest.fixture(scope="session")
+def llama_test_material(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's own test files named in the pin's test_material (the models/ggml-vocab-*.gguf
+    vocabularies), extracted from the pinned source archive (fetched by hash if not cached)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lb_vendor", REPO / "build_backend" / "vendor.py")
+    assert spec is not None and spec.loader is not None
+    import sys
+
+    sys.path.insert(0, str(REPO / "build_backend"))
+    try:
+        vendor = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vendor)
+    finally:
+        sys.path.remove(str(REPO / "build_backend"))
+    return vendor.test_material(tmp_path_factory.mktemp("llama-test-material"))
+
+
+@pytest.fixture(scope="session")
+def vocab_model(llama_test_material: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | None], str]:
+    """``vocab_model("qwen2")``: a tiny random model with llama.cpp's qwen2 test vocabulary and no
+    chat template (None: the tiny vocabulary), written once per vocabulary."""
+    made: dict[str | None, str] = {}
+    where = tmp_path_factory.mktemp("vocab-models")
+
+    def get(vocab: str | None) -> str:
+        if vocab not in made:
+            src = llama_test_material / "models" / f"ggml-vocab-{vocab}.gguf" if vocab else None
+            if src is not None and not src.is_file():
+                raise FileNotFoundError(src)
+            made[vocab] = write_tiny_llama(where / f"tiny-{vocab or 'tiny'}.gguf", n_embd=16, n_ff=32, f16=True,
+                                           template=None, vocab_from=src)
+        return made[vocab]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def chat_templates_dir() -> Path:
+    """The real model chat templates in the pinned llama.cpp tree (models/templates)."""
+    if not TEMPLATES.is_dir() or not any(TEMPLATES.glob("*.jinja")):
+        pytest.fail(f"{TEMPLATES} is missing: the build extracts it from the pin (vendor/pin.json)")
+    return TEMPLATES

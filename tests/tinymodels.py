@@ -55,15 +55,20 @@ def write_tiny_llama(
     n_ff: int = 128,
     n_ctx_train: int = 2048,
     f16: bool = False,
+    template: str | None = CHATML_TEMPLATE,
+    vocab_from: str | os.PathLike[str] | None = None,
 ) -> str:
     """Write a random llama model to ``path`` and return the path (as a str).
 
     Matrices are ``normal * 0.02`` (f32, or f16 with ``f16=True``), norms are ones;
-    the same arguments always give the same bytes.
+    the same arguments always give the same bytes. ``vocab_from``: a GGUF (such as
+    llama.cpp's ``models/ggml-vocab-*.gguf``) whose tokenizer the model takes instead of
+    the tiny one; ``template``: the chat template stored (None: none).
     """
     path = os.fspath(path)
     tokens, scores, types = tiny_vocab()
-    n_vocab = len(tokens)
+    copied = _tokenizer_fields(vocab_from) if vocab_from is not None else None
+    n_vocab = len(copied["tokenizer.ggml.tokens"][1]) if copied else len(tokens)
     head_dim = n_embd // n_head
     rng = np.random.default_rng(seed)
     wtype = np.float16 if f16 else np.float32
@@ -89,18 +94,23 @@ def write_tiny_llama(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
 
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_eot_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    if copied:
+        for key, (vtype, value, sub) in copied.items():
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_eot_token_id(tokens.index("<|im_end|>"))
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+    if template is not None:
+        w.add_chat_template(template)
 
     w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
     for i in range(n_layer):
@@ -122,6 +132,58 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _tokenizer_fields(path: str | os.PathLike[str]) -> dict:
+    """The ``tokenizer.ggml.*`` key-values of a GGUF: {key: (type, value, array item type)}.
+
+    Read directly (gguf.GGUFReader maps every array item and takes seconds on a 150k vocabulary)."""
+    import struct
+
+    data = open(path, "rb").read()
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        n = struct.unpack_from("<Q", data, pos)[0]
+        pos += 8 + n
+        return data[pos - n:pos].decode("utf-8", "surrogateescape")
+
+    def value(t: int):
+        nonlocal pos
+        if t == 8:
+            return string()
+        if t == 9:
+            sub, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if sub == 8:
+                return [string() for _ in range(n)]
+            fmt = _SCALARS[sub]
+            size = struct.calcsize(fmt)
+            items = list(struct.unpack_from("<" + fmt[1] * n, data, pos))
+            pos += size * n
+            return items
+        fmt = _SCALARS[t]
+        v = struct.unpack_from(fmt, data, pos)[0]
+        pos += struct.calcsize(fmt)
+        return v
+
+    out = {}
+    for _ in range(n_kv):
+        key = string()
+        t = struct.unpack_from("<I", data, pos)[0]
+        pos += 4
+        sub = struct.unpack_from("<I", data, pos)[0] if t == 9 else None
+        v = value(t)
+        if key.startswith("tokenizer.ggml."):
+            out[key] = (gguf.GGUFValueType(t), v, gguf.GGUFValueType(sub) if sub is not None else None)
+    return out
 
 
 def write_tiny_lora(path: str | os.PathLike, *, n_embd: int = 64, n_layer: int = 2, rank: int = 4,

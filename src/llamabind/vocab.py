@@ -187,9 +187,10 @@ class Vocab:
         self._pieces[special][token] = entry
         return entry
 
-    def detokenizer(self, special: bool = False) -> "Detokenizer":
-        """An incremental decoder that never splits a multi-byte character."""
-        return Detokenizer(self, special)
+    def detokenizer(self, special: bool = False, render: Iterable[int] = ()) -> "Detokenizer":
+        """An incremental decoder that never splits a multi-byte character; the special tokens
+        in ``render`` show as text even when ``special`` is off (a chat format's markers)."""
+        return Detokenizer(self, special, render)
 
 
 class Detokenizer:
@@ -197,17 +198,25 @@ class Detokenizer:
 
     __slots__ = ("_vocab", "_special", "_pieces", "feed_piece", "_decoder")
 
-    def __init__(self, vocab: Vocab, special: bool = False) -> None:
+    def __init__(self, vocab: Vocab, special: bool = False, render: Iterable[int] = ()) -> None:
         self._vocab = vocab
         self._special = special
         self._pieces = vocab._pieces[special]
+        shown = [int(t) for t in render]
+        if shown and not special:  # a private table: these tokens as text, the rest shared
+            self._pieces = dict(self._pieces)
+            for t in shown:
+                vocab.check_token(t)
+                self._pieces[t] = (vocab.token_to_piece(t, True), vocab.is_eog(t))
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.feed_piece = self._decoder.decode  # text completed by a token's bytes (from ``entry``)
 
     def entry(self, token: int) -> tuple[bytes, bool]:
         """(the token's bytes, whether it ends generation), from the model's cache."""
         e = self._pieces.get(token)
-        return e if e is not None else self._vocab._piece_entry(token, self._special)
+        if e is None:
+            e = self._pieces[token] = self._vocab._piece_entry(token, self._special)
+        return e
 
     def feed(self, token: int) -> str:
         """Text completed by ``token`` ("" while a character is still incomplete)."""

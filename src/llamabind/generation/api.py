@@ -4,7 +4,7 @@ other means (media chunks), ``complete`` runs any of them to the end."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -12,23 +12,24 @@ from ..context import Context
 from ..errors import ContextOverflowError, InvalidInputError, LlamaError
 from ..sampler import Sampler
 from ..vocab import as_tokens
+from .chatprep import prepare_chat
 from .events import Cancel, DoneEvent, TokenEvent
 from .loop import SeqState, run
 
 Prompt = Union[str, Sequence[int], np.ndarray]
-Messages = Sequence[Mapping[str, str]]
+Messages = Sequence[Mapping[str, Any]]
 
 
 def render_prompt(ctx: Context, prompt: Prompt | None = None, messages: Messages | None = None,
                   template: str | None = None, add_special: bool = True,
                   parse_special: bool = True) -> np.ndarray:
-    """Tokens for a text prompt, a token list, or chat messages rendered with the chat template."""
+    """Tokens for a text prompt, a token list, or chat messages rendered with the chat template
+    (the model's Jinja template, as ``generate`` renders them)."""
     vocab = ctx.vocab
     if messages is not None:
         if prompt is not None:
             raise InvalidInputError("give a prompt or messages, not both")
-        text = ctx.model.apply_chat_template(messages, True, template)
-        tokens = vocab.tokenize(text, add_special=add_special and not vocab.starts_with_bos(text), parse_special=True)
+        tokens = prepare_chat(ctx, messages, template, {}, None, [], add_special).tokens
     elif isinstance(prompt, (str, bytes)):
         tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
     elif prompt is None:
@@ -61,21 +62,52 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
              max_tokens: int = 256, sampler: Sampler | None = None, stop: Iterable[str] = (),
              seq_id: int = 0, cancel: Cancel | None = None, reuse_cache: bool = True,
              template: str | None = None, add_special: bool = True, parse_special: bool = True,
-             ignore_eog: bool = False) -> Iterator[TokenEvent | DoneEvent]:
+             ignore_eog: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
+             tool_choice: str | Mapping[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+             response_format: Mapping[str, Any] | None = None, json_schema: Mapping[str, Any] | None = None,
+             enable_thinking: bool | None = None, reasoning_format: str | None = None,
+             reasoning_effort: str | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+             continue_final_message: bool | None = None, add_generation_prompt: bool | None = None,
+             now: int | None = None) -> Iterator[TokenEvent | DoneEvent]:
     """Stream the continuation of ``prompt`` (text or tokens) or chat ``messages``.
 
     Only the part of the prompt after the longest prefix already in the sequence's KV cache
     is decoded (``usage.cached_tokens``). A prompt that does not fit raises
     ContextOverflowError before anything is decoded. Greedy when ``sampler`` is None.
     ``ignore_eog`` keeps going past end-of-generation tokens (benchmarks).
+
+    Chat ``messages`` are OpenAI-shaped and rendered by the model's Jinja template (or
+    ``template``) as llama-server renders them; the other chat arguments mean what they mean
+    in an OpenAI request. The output is parsed as it streams: ``TokenEvent.deltas`` and
+    ``DoneEvent.message`` (content, reasoning_content, tool_calls).
     """
     _check_ctx(ctx, max_tokens)
-    tokens = render_prompt(ctx, prompt, messages, template, add_special, parse_special)
     ctx.check_seq(seq_id)
+    chat = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
+            "response_format": response_format, "json_schema": json_schema, "enable_thinking": enable_thinking,
+            "reasoning_format": reasoning_format, "reasoning_effort": reasoning_effort,
+            "chat_template_kwargs": chat_template_kwargs, "continue_final_message": continue_final_message,
+            "add_generation_prompt": add_generation_prompt, "now": now}
+    setup = None
+    if messages is not None:
+        if prompt is not None:
+            raise InvalidInputError("give a prompt or messages, not both")
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        setup = prepare_chat(ctx, messages, template, chat, sampler, stop, add_special)
+        tokens = setup.tokens
+        if tokens.size == 0:
+            raise InvalidInputError("empty prompt: nothing to decode")
+    else:
+        if any(v is not None for v in chat.values()):
+            raise InvalidInputError("chat arguments (tools, response_format, ...) need messages=")
+        tokens = render_prompt(ctx, prompt, None, template, add_special, parse_special)
     _check_fit(ctx, tokens)
-    if max_tokens < 1:
-        raise InvalidInputError("max_tokens must be >= 1")
-    seq = SeqState(ctx, 0, seq_id, tokens, sampler or Sampler.greedy(), stop, max_tokens)
+    if setup is None:
+        seq = SeqState(ctx, 0, seq_id, tokens, sampler or Sampler.greedy(), stop, max_tokens)
+    else:
+        seq = SeqState(ctx, 0, seq_id, tokens, setup.sampler or sampler or Sampler.greedy(), setup.stop,
+                       max_tokens, render=setup.render)
+        seq.parser = setup.parser()
     seq.ignore_eog = ignore_eog
     return run(ctx, [seq], reuse_cache=reuse_cache, cancel=cancel)
 

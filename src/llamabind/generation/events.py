@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..chat.types import ChatDelta, ChatMessage
 from ..raw import ffi
 
 
@@ -12,12 +13,15 @@ from ..raw import ffi
 class TokenEvent:
     """One generated token and the text it released (held-back or incomplete text comes later).
 
-    ``token`` is None for the final flush of held-back text when generation ends.
+    ``token`` is None for the final flush of held-back text when generation ends. In a chat
+    generation ``deltas`` holds what the text changed in the parsed assistant message
+    (content, reasoning, tool-call pieces), shaped like OpenAI's stream.
     """
 
     token: int | None
     text: str
     index: int = 0
+    deltas: list[ChatDelta] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -40,9 +44,10 @@ class Timings:
 
 @dataclass(slots=True)
 class DoneEvent:
-    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``, ``error``),
-    counts, timings, and all that was generated. With ``error`` the exception is in ``error``,
-    and the generator raises it right after its last DoneEvent."""
+    """The end of one sequence: why it stopped (``stop``, ``length``, ``cancelled``, ``error``,
+    or ``tool_calls`` when a chat response ended in tool calls), counts, timings, and all that
+    was generated; ``message`` is a chat generation's parsed assistant message. With ``error``
+    the exception is in ``error``, and the generator raises it right after its last DoneEvent."""
 
     finish_reason: str
     usage: Usage
@@ -51,6 +56,7 @@ class DoneEvent:
     tokens: list[int] = field(default_factory=list)
     index: int = 0
     error: BaseException | None = None
+    message: ChatMessage | None = None
 
 
 class Cancel:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..batch import Batch
+from ..chat import ChatParser
 from ..context import Context, PerfData
 from ..errors import AbortedError, InvalidInputError
 from ..raw import clear_errors, ffi, lib
@@ -28,12 +29,12 @@ class SeqState:
 
     __slots__ = ("index", "seq_id", "sampler", "detok", "stop", "max_tokens", "prompt", "n_cached",
                  "n_pos", "out", "text", "reason", "hit", "pending_token", "row", "t_first", "n_prompt",
-                 "ignore_eog", "prefill")
+                 "ignore_eog", "prefill", "parser")
 
     def __init__(self, ctx: Context, index: int, seq_id: int, prompt: np.ndarray, sampler: Sampler,
-                 stop: Iterable[str], max_tokens: int) -> None:
+                 stop: Iterable[str], max_tokens: int, render: Iterable[int] = ()) -> None:
         self.index, self.seq_id, self.prompt, self.sampler = index, seq_id, prompt, sampler
-        self.detok = ctx.vocab.detokenizer()
+        self.detok = ctx.vocab.detokenizer(render=render)
         self.stop = StopMatcher(stop)
         self.max_tokens = max_tokens
         self.n_cached = 0
@@ -48,6 +49,7 @@ class SeqState:
         self.n_prompt = int(prompt.size)
         self.ignore_eog = False
         self.prefill: Callable[[], int] | None = None  # for an empty prompt: decodes the input, returns n_past
+        self.parser: ChatParser | None = None  # a chat generation's output parser
 
 
 def _reusable(ctx: Context, seq_id: int, n_keep: int) -> int:
@@ -106,6 +108,8 @@ def _sample(ctx: Context, s: SeqState, cancel: Cancel | None, t0: float) -> Toke
         s.reason = "length"
     else:
         s.pending_token = tok
+    if s.parser is not None and text:
+        return TokenEvent(tok, text, s.index, s.parser.feed(text))
     return TokenEvent(tok, text, s.index)
 
 
@@ -221,12 +225,20 @@ def _done(s: SeqState, perf, error: BaseException | None) -> Iterator[TokenEvent
     tail = "" if s.hit else s.stop.flush() + s.detok.flush()
     if tail:
         s.text.append(tail)
-        yield TokenEvent(None, tail, s.index)
+    message = None
+    deltas = s.parser.finish(tail) if s.parser is not None else []
+    if tail or deltas:
+        yield TokenEvent(None, tail, s.index, deltas)
     reason = "error" if error is not None and s.reason in (None, "error") else (s.reason or "cancelled")
+    if s.parser is not None:
+        message = s.parser.message
+        if reason == "stop" and message.tool_calls:
+            reason = "tool_calls"
     yield DoneEvent(
         finish_reason=reason, usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out)),
         timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
-        text="".join(s.text), tokens=s.out, index=s.index, error=error if reason == "error" else None)
+        text="".join(s.text), tokens=s.out, index=s.index, error=error if reason == "error" else None,
+        message=message)
 
 
 def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel | None) -> Iterator:

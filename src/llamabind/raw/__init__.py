@@ -7,6 +7,6 @@ up (Model, Context, Sampler, ...) are the safe API.
 """
 
 from ._binding import ffi, lib, logger
-from ._translate import check_decode, clear_errors, fail, reason
+from ._translate import check_decode, clear_errors, fail, reason, take_text
 
-__all__ = ["ffi", "lib", "logger", "check_decode", "clear_errors", "fail", "reason"]
+__all__ = ["ffi", "lib", "logger", "check_decode", "clear_errors", "fail", "reason", "take_text"]

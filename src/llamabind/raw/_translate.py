@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 from ..errors import AbortedError, DecodeError, KVCacheFullError, LlamaError
-from ._binding import take_errors
+from ._binding import ffi, lib, take_errors
 
 SEE_LOG = "see the llamabind log"
 
@@ -24,6 +24,17 @@ def reason(default: str = SEE_LOG) -> str:
 def fail(error: type[LlamaError], what: str, default: str = SEE_LOG) -> NoReturn:
     """Raise ``error("what: <llama.cpp's logged reason>")``."""
     raise error(f"{what}: {reason(default)}")
+
+
+def take_text(ptr, err, what: str, error: type[LlamaError]) -> str:
+    """The text a shim call returned (a malloc'd string, freed here), or ``error("what: <err>")``
+    when it returned NULL with its reason in the ``err`` buffer."""
+    if ptr == ffi.NULL:
+        raise error(f"{what}: {ffi.string(err).decode('utf-8', 'replace') or SEE_LOG}")
+    try:
+        return ffi.string(ptr).decode("utf-8", "replace")
+    finally:
+        lib.llamabind_chat_string_free(ptr)
 
 
 def check_decode(rc: int, what: str = "llama_decode", detail: str | None = None) -> None:
