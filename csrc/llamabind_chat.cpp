@@ -313,7 +313,7 @@ json diff_json(const common_chat_msg_diff & d) {
 }
 
 // A final output that does not fit the format keeps what its partial parse found (what the
-// stream showed), else becomes content: a response is never lost to a parse error.
+// stream showed), else becomes content: a response is not lost to a parse error.
 common_chat_msg parse(const llamabind_chat_parser & p, const std::string & text, bool is_partial) {
     common_chat_msg msg;
     try {
@@ -325,7 +325,9 @@ common_chat_msg parse(const llamabind_chat_parser & p, const std::string & text,
         try {
             msg = common_chat_parse(text, true, p.params);
         } catch (const std::exception &) {
-            msg         = common_chat_msg();
+            msg = common_chat_msg();
+        }
+        if (msg.empty()) {
             msg.content = text;
         }
     }

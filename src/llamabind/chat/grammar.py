@@ -44,13 +44,14 @@ def chat_sampler(vocab: "Vocab", prompt: ChatPrompt, sampler: Sampler | None,
                  prefill: Sequence[int] = ()) -> Sampler | None:
     """``sampler`` behind the prompt's grammar, or None when the prompt has no grammar.
 
-    The given sampler is cloned, not consumed. Trigger words that are one preserved token
+    The given sampler is cloned, not consumed (one holding Python samplers, which cannot be
+    cloned, moves into the returned chain). Trigger words that are one preserved token
     become token triggers, as in llama-server. ``prefill``: tokens the grammar accepts first
     (the generation prompt, which a template's grammar starts with).
     """
     if not prompt.grammar:
         return None
-    base = sampler.clone() if sampler is not None else Sampler.greedy()
+    base = _own(sampler)
     if prompt.grammar_lazy:
         preserved = preserved_token_ids(vocab, prompt)
         patterns, tokens = [], []
@@ -83,3 +84,12 @@ def chat_sampler(vocab: "Vocab", prompt: ChatPrompt, sampler: Sampler | None,
                 f"the request's grammar starts with the generation prompt {prompt.generation_prompt!r}, which this "
                 "vocabulary tokenizes into pieces the grammar rejects (as llama-server would)") from None
     return Sampler.chain(grammar, base)
+
+
+def _own(sampler: Sampler | None) -> Sampler:
+    if sampler is None:
+        return Sampler.greedy()
+    try:
+        return sampler.clone()
+    except InvalidInputError:  # Python samplers inside: the chain takes this one over
+        return sampler

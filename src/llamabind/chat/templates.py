@@ -98,6 +98,8 @@ class ChatTemplates(Handle):
         """Render a conversation; the arguments mean what they mean in an OpenAI chat request
         (and llama-server's extensions). ``now`` (Unix seconds) fixes the date templates print;
         ``media`` allows image/audio parts, which become libmtmd markers."""
+        if not isinstance(messages, (list, tuple)):
+            raise InvalidInputError("'messages' must be a list of messages")
         body: dict[str, Any] = {"messages": list(messages)}
         for key, value in (("tools", tools), ("tool_choice", tool_choice), ("parallel_tool_calls", parallel_tool_calls),
                            ("reasoning_format", reasoning_format), ("reasoning_effort", reasoning_effort),

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..chat import ChatParser, ChatPrompt, ChatTemplates, chat_sampler, json_schema_to_grammar, preserved_token_ids
+from ..chat.grammar import _own
 from ..context import Context
 from ..errors import InvalidInputError
 from ..model import builtin_chat_templates
@@ -58,8 +59,7 @@ def prepare_chat(ctx: Context, messages: Sequence[Mapping[str, Any]], template: 
         schema = _schema(opts)
         smpl = None
         if schema is not None:
-            base = sampler.clone() if sampler is not None else Sampler.greedy()
-            smpl = Sampler.chain(Sampler.grammar(vocab, json_schema_to_grammar(schema)), base)
+            smpl = Sampler.chain(Sampler.grammar(vocab, json_schema_to_grammar(schema)), _own(sampler))
         return ChatSetup(tokens, None, smpl, list(stop), frozenset())
     prompt = ChatTemplates.for_model(ctx.model, template).apply(messages, **opts)
     text = prompt.prompt
