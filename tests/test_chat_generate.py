@@ -131,7 +131,7 @@ BAD = [
     (dict(messages=ASK, tools=[{"type": "function", "function": {}}]), "function name"),
     (dict(messages=ASK, tools="x"), "must be a list"),
     (dict(messages=ASK, response_format={"type": "xml"}), "response_format type"),
-    (dict(messages=ASK, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}), ""),
+    (dict(messages=ASK, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}), "unrecognized type nonsense"),
     (dict(messages=ASK, chat_template_kwargs={"enable_thinking": "yes"}), "enable_thinking"),
     (dict(messages=ASK, chat_template_kwargs={"x": object()}), "not JSON"),
     (dict(messages=ASK + [{"role": "assistant", "content": "a"}], add_generation_prompt=True,
