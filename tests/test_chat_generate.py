@@ -115,7 +115,7 @@ def test_gemma_answers_with_json_that_validates(gemma_ctx):
 
 def test_plain_prompts_have_no_chat_parse(qctx):
     _, deltas, done = _run(qctx, prompt="hello", max_tokens=4)
-    assert deltas == [] and done.message is None
+    assert not deltas and done.message is None
 
 
 BAD = [

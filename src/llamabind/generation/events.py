@@ -4,6 +4,7 @@ flag that stops one from any thread."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ..chat.types import ChatDelta, ChatMessage
 from ..raw import ffi
@@ -21,7 +22,7 @@ class TokenEvent:
     token: int | None
     text: str
     index: int = 0
-    deltas: list[ChatDelta] = field(default_factory=list)
+    deltas: Sequence[ChatDelta] = ()  # shared and empty unless a chat parse gave some
 
 
 @dataclass(slots=True)

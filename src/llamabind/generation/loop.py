@@ -226,7 +226,7 @@ def _done(s: SeqState, perf, error: BaseException | None) -> Iterator[TokenEvent
     if tail:
         s.text.append(tail)
     message = None
-    deltas = s.parser.finish(tail) if s.parser is not None else []
+    deltas = s.parser.finish(tail) if s.parser is not None else ()
     if tail or deltas:
         yield TokenEvent(None, tail, s.index, deltas)
     reason = "error" if error is not None and s.reason in (None, "error") else (s.reason or "cancelled")
