@@ -2,7 +2,7 @@
 
 Floors, lowest first: ``llamabind.raw`` (``ffi``/``lib``, the raw C surface, unsafe), one
 class per C handle (Model, Vocab, Context, Memory, Batch, Sampler, ...), then the decode loop,
-embeddings and multimodal helpers.
+embeddings and multimodal helpers, and the engine (continuous batching) on top.
 """
 
 from . import raw
@@ -41,12 +41,15 @@ from .generation import (
     generate_after,
     generate_many,
 )
+from .generation.logprobs import TokenLogprob
+from .engine import AsyncEngine, Engine, EngineThread, Request
 
 __all__ = [
     "raw", "ffi", "lib", "__version__", "system_info",
     "Model", "LoraAdapter", "Vocab", "Detokenizer", "Batch", "Context", "Memory", "CachedTokens", "PerfData",
     "Sampler", "PySampler", "TokenDataArray", "Embedder", "Reranker", "RerankResult",
     "Cancel", "DoneEvent", "TokenEvent", "Timings", "Usage", "complete", "generate", "generate_after", "generate_many",
+    "TokenLogprob", "Engine", "EngineThread", "AsyncEngine", "Request",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",
     "InputNotFoundError", "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
     "ModelNotFoundError", "MtmdError",

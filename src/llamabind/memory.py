@@ -34,6 +34,15 @@ class CachedTokens:
     def set(self, seq_id: int, tokens: Iterable[int]) -> None:
         self._seqs[seq_id] = [int(t) for t in tokens]
 
+    def bind(self, seq_id: int, tokens: list[int]) -> None:
+        """Make ``tokens`` (kept, not copied) the record of ``seq_id``: a decode loop that appends
+        to its own list keeps the record true at no extra cost."""
+        self._seqs[seq_id] = tokens
+
+    def view(self, seq_id: int) -> list[int]:
+        """The record of ``seq_id`` itself (empty if unknown); read it, do not change it."""
+        return self._seqs.get(seq_id, [])
+
     def extend(self, seq_id: int, tokens: Iterable[int]) -> None:
         self._seqs.setdefault(seq_id, []).extend(int(t) for t in tokens)
 

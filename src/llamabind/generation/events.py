@@ -4,10 +4,11 @@ flag that stops one from any thread."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..chat.types import ChatDelta, ChatMessage
 from ..raw import ffi
+from .logprobs import TokenLogprob
 
 
 @dataclass(slots=True)
@@ -16,13 +17,17 @@ class TokenEvent:
 
     ``token`` is None for the final flush of held-back text when generation ends. In a chat
     generation ``deltas`` holds what the text changed in the parsed assistant message
-    (content, reasoning, tool-call pieces), shaped like OpenAI's stream.
+    (content, reasoning, tool-call pieces), shaped like OpenAI's stream. The engine sets
+    ``index`` to the request id, ``logprob`` where the request asked for log-probabilities,
+    and ``time`` (``time.perf_counter()`` when the token was sampled).
     """
 
     token: int | None
     text: str
     index: int = 0
     deltas: Sequence[ChatDelta] = ()  # shared and empty unless a chat parse gave some
+    logprob: TokenLogprob | None = None
+    time: float = 0.0
 
 
 @dataclass(slots=True)
@@ -58,6 +63,7 @@ class DoneEvent:
     index: int = 0
     error: BaseException | None = None
     message: ChatMessage | None = None
+    metrics: Any = None  # the engine's RequestMetrics
 
 
 class Cancel:

@@ -1,0 +1,206 @@
+"""What a request asks of the engine (``Request``), checked and rendered into tokens at submit
+(``prepare``), and its progress while it runs (``RequestState``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..chat import ChatParser
+from ..context import Context
+from ..errors import ContextOverflowError, InvalidInputError
+from ..generation.api import Messages, Prompt, render_prompt
+from ..generation.chatprep import CHAT_OPTIONS, prepare_chat
+from ..generation.stop import StopMatcher
+from ..sampler import Sampler
+from .ngram import NgramDrafter
+
+
+@dataclass
+class Request:
+    """One generation: everything ``generate()`` takes, plus the engine's own options.
+
+    ``prompt`` (text or tokens) or chat ``messages`` (with the chat options of ``generate``).
+    Sampling: a ``sampler`` (owned by the engine from submit on), or the usual knobs
+    (``temperature`` 0 is greedy, sampled for all greedy requests at once in numpy).
+    ``logprobs``/``top_logprobs``: the chosen token's log-probability and the N best, from
+    the raw logits. ``n_draft``: n-gram (prompt-lookup) speculation, up to that many tokens
+    per step. ``deadline_s``: the request ends with ``finish_reason="deadline"`` that long
+    after submit. ``context_shift``: when the sequence reaches the context's end, the oldest
+    tokens after ``n_keep`` are shifted out (half of them) instead of ending with ``length``.
+    """
+
+    prompt: Prompt | None = None
+    messages: Messages | None = None
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    ignore_eog: bool = False
+    sampler: Sampler | None = None
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    grammar: str | None = None
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n_draft: int = 0
+    deadline_s: float | None = None
+    context_shift: bool = False
+    n_keep: int = 0
+    add_special: bool = True
+    parse_special: bool = True
+    template: str | None = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: Mapping[str, Any] | None = None
+    json_schema: Mapping[str, Any] | None = None
+    enable_thinking: bool | None = None
+    reasoning_format: str | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+    now: int | None = None
+
+
+REQUEST_FIELDS = frozenset(f.name for f in fields(Request))
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
+             "seed", "grammar", "logit_bias")
+
+
+class RequestState:
+    """A request's progress: its tokens, where it is in the KV cache, its text and metrics."""
+
+    __slots__ = ("id", "req", "tokens", "n_prompt", "sampler", "greedy", "detok", "stop", "parser", "slot",
+                 "n_pos", "n_cached", "hist", "out", "text", "pending", "reason", "hit", "error", "wait",
+                 "t_submit", "t_admit", "t_first", "t_prefill", "t_prefill_end", "t_tokens", "deadline",
+                 "drafter", "n_drafted", "n_accepted", "top_n", "cancelled", "n_preempted", "shifted")
+
+    def __init__(self, rid: int, req: Request, tokens: np.ndarray, sampler: Sampler | None, stop: list[str],
+                 render: Iterable[int], parser: ChatParser | None, ctx: Context) -> None:
+        self.id, self.req, self.tokens = rid, req, tokens
+        self.n_prompt = int(tokens.size)
+        self.sampler = sampler
+        self.greedy = sampler is None  # arg-max over the logits, batched in numpy
+        self.detok = ctx.vocab.detokenizer(render=render)
+        self.stop = StopMatcher(stop)
+        self.parser = parser
+        self.slot = -1
+        self.n_pos = 0               # positions of this request's sequence in the KV cache
+        self.n_cached = 0
+        self.hist: list[int] = []    # the tokens in the KV cache, in order (the slot's cached tokens)
+        self.out: list[int] = []
+        self.text: list[str] = []
+        self.pending = -1            # sampled, not yet decoded
+        self.reason: str | None = None
+        self.hit = False
+        self.error: BaseException | None = None
+        self.wait: tuple[RequestState, int] | None = None  # (donor, n): copy its first n positions when it has them
+        self.t_submit = time.perf_counter()
+        self.t_admit = self.t_first = self.t_prefill = self.t_prefill_end = 0.0
+        self.t_tokens: list[float] = []
+        self.deadline = None if req.deadline_s is None else self.t_submit + req.deadline_s
+        self.drafter = NgramDrafter(tokens) if req.n_draft > 0 else None
+        self.n_drafted = self.n_accepted = 0
+        self.top_n = req.top_logprobs if req.logprobs or req.top_logprobs else -1  # -1: no logprobs
+        self.cancelled = False
+        self.n_preempted = 0
+        self.shifted = False  # positions were shifted: hist is no reusable prefix any more
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending < 0 and self.reason is None
+
+
+def prepare(ctx: Context, rid: int, req: Request) -> RequestState:
+    """Check ``req`` and render it into tokens; InvalidInputError for anything it cannot run."""
+    if not isinstance(req, Request):
+        raise InvalidInputError(f"expected a Request, not {type(req).__name__}")
+    m = req.max_tokens
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise InvalidInputError(f"max_tokens must be an int >= 1, not {m!r}")
+    for name in ("n_draft", "top_logprobs", "n_keep"):
+        v = getattr(req, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise InvalidInputError(f"{name} must be an int >= 0, not {v!r}")
+    if req.top_logprobs > 20:
+        raise InvalidInputError("top_logprobs must be at most 20")
+    if req.deadline_s is not None and not req.deadline_s > 0:
+        raise InvalidInputError("deadline_s must be > 0")
+    if req.n_draft > 16:
+        raise InvalidInputError("n_draft must be at most 16")
+    if req.sampler is not None and not isinstance(req.sampler, Sampler):
+        raise InvalidInputError(f"sampler must be a Sampler, not {type(req.sampler).__name__}")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    chat = {k: getattr(req, k) for k in CHAT_OPTIONS}
+    knobs = any(getattr(req, k) != Request.__dataclass_fields__[k].default for k in _SAMPLING)
+    if req.sampler is not None and knobs:
+        raise InvalidInputError("give a sampler or sampling settings, not both")
+    base = req.sampler
+    if knobs:
+        base = Sampler.from_params(ctx.vocab, **{k: getattr(req, k) for k in _SAMPLING})
+    render: Iterable[int] = ()
+    parser = None
+    if req.messages is not None:
+        if req.prompt is not None:
+            raise InvalidInputError("give a prompt or messages, not both")
+        setup = prepare_chat(ctx, req.messages, req.template, chat, base, stop, req.add_special)
+        tokens, sampler, stop, render = setup.tokens, setup.sampler or base, setup.stop, setup.render
+        parser = setup.parser()
+        if tokens.size == 0:
+            raise InvalidInputError("empty prompt: nothing to decode")
+    else:
+        if any(v is not None for v in chat.values()):
+            raise InvalidInputError("chat arguments (tools, response_format, ...) need messages=")
+        tokens = render_prompt(ctx, req.prompt, None, req.template, req.add_special, req.parse_special)
+        sampler = base
+    if sampler is not None and sampler._greedy:
+        sampler = None  # a plain greedy sampler: the batched arg-max does the same
+    if tokens.size >= ctx.n_ctx_seq:
+        raise ContextOverflowError(f"the prompt has {tokens.size} tokens; the engine's context holds "
+                                   f"{ctx.n_ctx_seq} per sequence (leave room to generate)")
+    if req.n_keep >= ctx.n_ctx_seq // 2:
+        raise InvalidInputError("n_keep must leave at least half of the context to shift")
+    return RequestState(rid, req, np.ascontiguousarray(tokens, np.int32), sampler, stop, render, parser, ctx)
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Where a request's time went; rates in tokens per second, times in seconds."""
+
+    queue_s: float
+    ttft_s: float
+    itl_p50_s: float
+    itl_p95_s: float
+    prefill_tps: float
+    decode_tps: float
+    cached_tokens: int
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    preempted: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def metrics_of(s: RequestState) -> RequestMetrics:
+    t = s.t_tokens
+    itl = np.diff(np.asarray(t)) if len(t) > 1 else np.zeros(0)
+    pre_s = s.t_prefill_end - s.t_prefill
+    dec_s = t[-1] - t[0] if len(t) > 1 else 0.0
+    return RequestMetrics(
+        queue_s=max(0.0, s.t_admit - s.t_submit) if s.t_admit else 0.0,
+        ttft_s=s.t_first - s.t_submit if s.t_first else 0.0,
+        itl_p50_s=float(np.percentile(itl, 50)) if itl.size else 0.0,
+        itl_p95_s=float(np.percentile(itl, 95)) if itl.size else 0.0,
+        prefill_tps=(s.n_prompt - s.n_cached) / pre_s if pre_s > 0 else 0.0,
+        decode_tps=(len(t) - 1) / dec_s if dec_s > 0 else 0.0,
+        cached_tokens=s.n_cached, drafted_tokens=s.n_drafted, accepted_tokens=s.n_accepted,
+        preempted=s.n_preempted)
