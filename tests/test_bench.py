@@ -22,3 +22,27 @@ def test_bench_cli_rows_and_report(tiny_model_path, tools_dir, tmp_path):
         assert {"test", "impl", "tps", "tps_min", "tps_max", "n_threads", "model"} <= set(r)
         assert r["test"] == "load" or r["tps_min"] <= r["tps"] <= r["tps_max"] and r["tps"] > 0
     assert "| tiny" in (tmp_path / "report.md").read_text()
+
+
+def test_engine_benchmarks_run_against_native(tiny_model_path, tools_dir):
+    """benchmarks/bench_engine.py end to end on the tiny model: static batches against
+    llama-batched-bench, a short trace against llama-server, the per-step Python cost."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
+    runs = {"static": ["--batches", "1,2", "--pp", "16", "--tg", "8"],
+            "trace": ["--requests", "4", "--rate", "50", "--np", "2"],
+            "overhead": ["--active", "1,2"]}
+    for bench, extra in runs.items():
+        out = subprocess.run([sys.executable, str(script), bench, "--model", tiny_model_path, "--native", str(tools_dir),
+                              "--reps", "1", "--json", *extra], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [json.loads(l) for l in out.stdout.splitlines()]
+        assert rows and all(r["bench"] == bench for r in rows)
+        if bench == "static":
+            assert [r["B"] for r in rows] == [1, 2] and all(r["native_S_TG"] > 0 and r["engine_S_TG"] > 0 for r in rows)
+        elif bench == "trace":
+            assert {r["impl"] for r in rows} == {"engine", "llama-server"}
+            assert all(r["requests"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0 for r in rows)
+        else:
+            assert all(r["us_per_request_step"] > 0 for r in rows)

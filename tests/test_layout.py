@@ -1,5 +1,5 @@
-"""The package's floors show in the tree and imports run one way: cli/bench -> generation,
-embeddings, mtmd -> one module per C handle -> raw (errors is shared by all)."""
+"""The package's floors show in the tree and imports run one way: cli/bench -> engine ->
+generation, embeddings, mtmd -> one module per C handle -> raw (errors is shared by all)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "llamabind"
 ROOT = SRC if SRC.is_dir() else PKG
 
 FLOOR = {"errors": 0, "raw": 0, "_build_info": 0, "_llamabind": 0,
-         "generation": 2, "embeddings": 2, "mtmd": 2, "cli": 3, "bench": 3, "__main__": 3, "__init__": 4}
+         "generation": 2, "embeddings": 2, "mtmd": 2, "engine": 3, "cli": 4, "bench": 4, "__main__": 4,
+         "__init__": 5}
 
 
 def floor_of(module: str) -> int:
-    """0: raw; 1: the handle modules; 2: built on handles; 3: front ends."""
+    """0: raw; 1: the handle modules; 2: built on handles; 3: the engine; 4: front ends."""
     return FLOOR.get(module.split(".")[0], 1)
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from .raw import check_decode, clear_errors, fail, ffi, lib
 from .errors import BusyError, ClosedError, InvalidInputError, LlamaError, ModelLoadError
 from .memory import CachedTokens, Memory
 from .state import ContextState
+from ._lease import Leases
 from .model import LoraAdapter, Model
 
 
@@ -78,7 +78,7 @@ def _check_shape(p) -> None:
                                 f"of n_seq_max ({p.n_seq_max})")
 
 
-class Context(ContextState, Handle):
+class Context(ContextState, Leases, Handle):
     """A llama.cpp context over a model: the KV cache, the compute buffers and the outputs.
 
     Keyword arguments set ``llama_context_params`` fields by name; enums take short names
@@ -126,6 +126,7 @@ class Context(ContextState, Handle):
         self._lock = threading.RLock()
         self._computing: int | None = None  # thread inside llama.cpp on this context
         self._lease: int | None = None      # thread whose generation holds the context
+        self._lease_owner: object = None    # the engine that claimed it (None: a generation's lease)
         self._abort_hook: _AbortHook | None = None
         self._abort_handle: Any = None
         self._loras: list[tuple[LoraAdapter, float]] = []
@@ -162,19 +163,6 @@ class Context(ContextState, Handle):
         ``with ctx.hold(): ...`` raises ClosedError on entry once the context is closed.
         """
         return _Hold(self)
-
-    @contextmanager
-    def lease(self) -> Iterator["Context"]:
-        """Take the context for one generation; BusyError while another one has it."""
-        with self._lock:
-            self.ptr
-            if self._lease is not None:
-                raise BusyError("this context is already running a generation")
-            self._lease = threading.get_ident()
-        try:
-            yield self
-        finally:
-            self._lease = None
 
     def close(self) -> None:
         """Free the context; a decode running in another thread is aborted and waited for."""
@@ -300,10 +288,6 @@ class Context(ContextState, Handle):
             self._check_batch(batch, encode=True)
             self._check_owner()
             self.run(batch, encode=True)
-
-    def _check_owner(self) -> None:
-        if self._lease is not None and self._lease != threading.get_ident():
-            raise BusyError("a generation in another thread is driving this context")
 
     def run(self, batch: Batch, encode: bool = False, *, all_outputs: bool = False) -> None:
         """decode (or encode) ``batch`` without the input checks, for loops that built it themselves.

@@ -128,6 +128,7 @@ class Model(Handle):
         self._closing = False
         self._vocab: weakref.ref[Vocab] | None = None
         self._pieces: dict[bool, dict[int, tuple[bytes, bool]]] = {False: {}, True: {}}  # see Vocab
+        self._texts: dict[bytes, str | None] = {}  # pieces as text, None where not whole UTF-8 (Detokenizer)
 
     @property
     def vocab(self) -> Vocab:

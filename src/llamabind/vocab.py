@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import codecs
+from codecs import utf_8_decode as _utf8_decode
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -54,6 +54,7 @@ class Vocab:
         self._vptr = lib.llama_model_get_vocab(model.ptr)
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
         self._pieces = model._pieces  # token pieces never change: one cache per model
+        self._texts = model._texts
         # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
         wpm = lib.llama_vocab_type(self._vptr) == lib.LLAMA_VOCAB_TYPE_WPM
         no_bos = lib.llama_vocab_bos(self._vptr) == TOKEN_NULL
@@ -193,10 +194,13 @@ class Vocab:
         return Detokenizer(self, special, render)
 
 
+_UNSEEN = object()
+
+
 class Detokenizer:
     """Turns tokens into text one at a time; incomplete UTF-8 sequences wait for the next token."""
 
-    __slots__ = ("_vocab", "_special", "_pieces", "feed_piece", "_decoder")
+    __slots__ = ("_vocab", "_special", "_pieces", "_texts", "_buf")
 
     def __init__(self, vocab: Vocab, special: bool = False, render: Iterable[int] = ()) -> None:
         self._vocab = vocab
@@ -208,8 +212,29 @@ class Detokenizer:
             for t in shown:
                 vocab.check_token(t)
                 self._pieces[t] = (vocab.token_to_piece(t, True), vocab.is_eog(t))
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.feed_piece = self._decoder.decode  # text completed by a token's bytes (from ``entry``)
+        self._texts = vocab._texts  # piece bytes -> text, for pieces that are whole UTF-8
+        self._buf = b""             # the start of a character, waiting for the rest
+
+    def feed_piece(self, piece: bytes) -> str:
+        """Text completed by a token's bytes (from ``entry``): a whole-UTF-8 piece after whole
+        characters is a dictionary lookup; the rest is decoded with what is pending, invalid
+        bytes becoming U+FFFD."""
+        if not self._buf:
+            got = self._texts.get(piece, _UNSEEN)
+            if got is _UNSEEN:
+                try:
+                    got = piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    got = None  # part of a character, or invalid: remembered, never raised again
+                self._texts[piece] = got
+            if isinstance(got, str):
+                return got
+            data = piece
+        else:
+            data = self._buf + piece
+        text, n = _utf8_decode(data, "replace", False)
+        self._buf = data[n:]
+        return text
 
     def entry(self, token: int) -> tuple[bytes, bool]:
         """(the token's bytes, whether it ends generation), from the model's cache."""
@@ -224,7 +249,9 @@ class Detokenizer:
 
     def flush(self) -> str:
         """Whatever is left; an incomplete trailing character becomes U+FFFD."""
-        return self._decoder.decode(b"", final=True)
+        text = _utf8_decode(self._buf, "replace", True)[0]
+        self._buf = b""
+        return text
 
     def reset(self) -> None:
-        self._decoder.reset()
+        self._buf = b""

@@ -80,6 +80,7 @@ class Engine:
         self._stepper.ready = self._ready
         self._order: list[RequestState] = []  # running requests, in admission order
         self._full = False  # the KV cache ran out: admit nothing until a running request ends
+        self._n_deadlines = 0  # requests with a deadline, queued or running
         self._t_steps = self._t_decode = 0.0
         self._n_steps = self._n_decoded = self._n_preempted = 0
         self.wake = threading.Event()  # set by submit and cancel, for a driver waiting for work
@@ -144,10 +145,14 @@ class Engine:
         t0 = time.perf_counter()
         events: list[Event] = []
         ctx = self.ctx
-        with ctx.lease(), ctx.hold():
-            self._take_inbox(events)
-            self._expire(t0, events)
-            self._admit(t0)
+        ctx.claim(self)
+        with ctx.hold():
+            if self._inbox:
+                self._take_inbox(events)
+            if self._n_deadlines:
+                self._expire(t0, events)
+            if self._queue:
+                self._admit(t0)
             st = self._stepper
             while self._order:
                 st.build(self._order, self.prefill_budget, self._finish_length, events)
@@ -198,6 +203,8 @@ class Engine:
                     self._end(s, "cancelled", events, drop=False)
         self._queue.clear()
         self._closed = True
+        if not self.ctx.closed:
+            self.ctx.release(self)
         if self._own:
             self.ctx.close()
         return events
@@ -215,6 +222,7 @@ class Engine:
             kind, x = inbox.popleft()
             if kind == "submit":
                 self._queue.append(x)
+                self._n_deadlines += x.deadline is not None
                 continue
             for s in itertools.chain(self._order, self._queue):
                 if s.id == x:
@@ -361,6 +369,7 @@ class Engine:
         events.append(DoneEvent(reason, Usage(s.n_prompt, s.n_cached, len(s.out)), timings, "".join(s.text),
                                 s.out, s.id, s.error if reason == "error" else None, message, m))
         s.reason = reason
+        self._n_deadlines -= s.deadline is not None
         if s.sampler is not None:
             s.sampler.close()
         s.slot = -1

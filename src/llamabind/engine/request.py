@@ -164,7 +164,8 @@ def prepare(ctx: Context, rid: int, req: Request) -> RequestState:
         tokens = render_prompt(ctx, req.prompt, None, req.template, req.add_special, req.parse_special)
         sampler = base
     if sampler is not None and sampler._greedy:
-        sampler = None  # a plain greedy sampler: the batched arg-max does the same
+        sampler.close()  # a plain greedy sampler: the batched arg-max does the same
+        sampler = None
     if tokens.size >= ctx.n_ctx_seq:
         raise ContextOverflowError(f"the prompt has {tokens.size} tokens; the engine's context holds "
                                    f"{ctx.n_ctx_seq} per sequence (leave room to generate)")

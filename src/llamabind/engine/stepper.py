@@ -116,7 +116,7 @@ class Step:
     def decode(self) -> float:
         """Run the batch; seconds spent in llama_decode (the GIL is released meanwhile)."""
         t = time.perf_counter()
-        self.ctx.run(self.batch)
+        self.ctx.run(self.batch, all_outputs=not self.prefill)  # no prompt chunk: every row has logits
         return time.perf_counter() - t
 
     def collect(self, now: float, events: list) -> None:
@@ -208,15 +208,18 @@ def emit(s: RequestState, tok: int, lp, now: float, events: list) -> bool:
     s.t_tokens.append(now)
     if s.drafter is not None:
         s.drafter.extend([tok])
-    text, hit = s.stop.push(s.detok.feed_piece(piece))
+    text = s.detok.feed_piece(piece)
+    if s.stop.stops:
+        text, hit = s.stop.push(text)
+        if hit:
+            s.reason, s.hit = "stop", True
     if text:
         s.text.append(text)
-    if hit:
-        s.reason, s.hit = "stop", True
-    elif len(s.out) >= s.req.max_tokens:
-        s.reason = "length"
-    else:
-        s.pending = tok
+    if s.reason is None:
+        if len(s.out) >= s.req.max_tokens:
+            s.reason = "length"
+        else:
+            s.pending = tok
     if s.parser is not None and text:
         events.append(TokenEvent(tok, text, s.id, s.parser.feed(text), lp, now))
     else:
