@@ -113,9 +113,10 @@ def summarize(name: str, recs: list[dict], wall: float) -> dict:
             "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
 
 
-def engine_trace(model: lb.Model, trace: list[dict], np_: int, n_ctx: int, threads: int) -> dict:
+def engine_trace(model: lb.Model, trace: list[dict], np_: int, n_ctx: int, threads: int,
+                 prefill_budget: int | None = None) -> dict:
     with Engine.load(model, n_slots=np_, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads,
-                     swa_full=True) as eng:
+                     swa_full=True, prefill_budget=prefill_budget) as eng:
         recs: dict[int, dict] = {}
         t0 = time.perf_counter()
         todo = list(trace)
@@ -201,8 +202,10 @@ def trace_bench(args: argparse.Namespace, model: lb.Model) -> list[dict]:
     rows = []
     for rep in range(args.reps):
         for name in ("llama-server", "engine") if rep % 2 == 0 else ("engine", "llama-server"):
+            if args.only and name != args.only:
+                continue
             if name == "engine":
-                row = engine_trace(model, trace, args.np, n_ctx, args.threads)
+                row = engine_trace(model, trace, args.np, n_ctx, args.threads, args.prefill_budget)
             else:
                 row = server_trace(Path(args.native) / "llama-server", args.model, trace, args.np, n_ctx, args.threads)
             row["rep"] = rep
@@ -297,7 +300,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.25, help="arrivals per second")
     ap.add_argument("--np", type=int, default=4, help="slots on both sides")
     ap.add_argument("--active", default="1,8,32")
-    ap.add_argument("--n-draft", type=int, default=8)
+    ap.add_argument("--prefill-budget", type=int, help="the engine's prompt tokens per step while others generate")
+    ap.add_argument("--only", choices=["engine", "llama-server"], help="trace: run one side only")
+    ap.add_argument("--n-draft", type=int, default=12)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.model is None:

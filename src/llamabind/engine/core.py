@@ -50,8 +50,9 @@ class Engine:
     The context should have a unified KV cache (``kv_unified=True``), so that prompt prefixes
     are shared between sequences without copying data; ``Engine.load`` makes such a context.
     ``prefill_budget`` bounds the prompt tokens decoded per step while others are generating
-    (default ``n_ubatch``), so a long prompt never stalls them. At most ``max_queue`` requests
-    wait for a slot; ``submit`` raises BusyError beyond that.
+    (default ``n_batch``, as llama-server packs its batches: the best throughput; a smaller
+    budget such as ``n_ubatch`` bounds how long a long prompt delays the others' next token).
+    At most ``max_queue`` requests wait for a slot; ``submit`` raises BusyError beyond that.
     """
 
     def __init__(self, ctx: Context, *, prefill_budget: int | None = None, max_queue: int = 1024,
@@ -62,7 +63,7 @@ class Engine:
             raise InvalidInputError("the engine needs a decoder with causal attention")
         self.ctx = ctx
         self.n_slots = ctx.n_seq_max
-        self.prefill_budget = int(prefill_budget or ctx.n_ubatch)
+        self.prefill_budget = int(prefill_budget or ctx.n_batch)
         if self.prefill_budget < 1:
             raise InvalidInputError("prefill_budget must be >= 1")
         self.max_queue = max_queue
