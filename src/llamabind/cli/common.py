@@ -10,10 +10,11 @@ from dataclasses import asdict
 
 
 def model_args(p: argparse.ArgumentParser, *, required: bool = False, what: str = "GGUF model",
-               ctx_size: int | None = 4096, ctx_help: str = "context size in tokens") -> None:
+               ctx_size: int | None = 4096, ctx_help: str = "context size in tokens",
+               default: str = "gemma3-270m from llamabind[model]") -> None:
     """-m/-t/-c/-ngl/-v, the same for every subcommand that loads a model."""
     p.add_argument("-m", "--model", required=required,
-                   help=what + ("" if required else " (default: gemma3-270m from llamabind[model])"))
+                   help=what + ("" if required else f" (default: {default})"))
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("-c", "--ctx-size", type=int, default=ctx_size, help=ctx_help)
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload (-1: all)")
@@ -53,11 +54,17 @@ def progress_bar(label: str):
     return show
 
 
-def open_model(args):
+def open_model(args, chat: bool = False):
+    """The model (``-m``, else the default: the chat model for ``chat``) and a context on it."""
     import llamabind as lb
-    from ..models import default_model_path
+    from ..models import default_chat_model_path, default_model_path
 
-    path = args.model or default_model_path(lambda msg: print(msg, file=sys.stderr))
+    if args.model:
+        path = args.model
+    elif chat:
+        path = str(default_chat_model_path())
+    else:
+        path = str(default_model_path(lambda msg: print(msg, file=sys.stderr)))
     model = lb.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading"))
     ctx = lb.Context(model, n_ctx=args.ctx_size, n_threads=args.threads)
     return model, ctx
