@@ -83,28 +83,39 @@ def _rename_dist_info(root: Path, old: str, accel: _acc.Accelerator) -> str:
 
 
 def _rename_wheel(directory: str, filename: str, accel: _acc.Accelerator) -> str:
-    """Rewrite a built wheel under the accelerator's distribution name (new RECORD included)."""
+    """Rewrite a built wheel under the accelerator's distribution name (new RECORD included).
+
+    Entries are copied with their zip attributes, so executables (``ggml-rpc-server``) stay executable."""
     if accel.distribution == BASE_NAME:
         return filename
     src = Path(directory) / filename
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        with zipfile.ZipFile(src) as zf:
-            zf.extractall(root)
-        old = next(p.name for p in root.glob("*.dist-info"))
-        new = _rename_dist_info(root, old, accel)
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(src) as zf:
+        infos = zf.infolist()
+        old = next(i.filename.split("/")[0] for i in infos if i.filename.split("/")[0].endswith(".dist-info"))
+        meta_root = Path(tmp)
+        zf.extract(f"{old}/METADATA", meta_root)
+        new = _rename_dist_info(meta_root, old, accel)
         record_rows = []
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "RECORD")
-        for p in files:
-            data = p.read_bytes()
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record_rows.append(f"{p.relative_to(root).as_posix()},sha256={digest},{len(data)}")
-        record_rows.append(f"{new}/RECORD,,")
-        (root / new / "RECORD").write_text("\n".join(record_rows) + "\n")
         out_name = _normalise(accel.distribution) + filename[len(_normalise(BASE_NAME)):]
-        with zipfile.ZipFile(Path(directory) / out_name, "w", zipfile.ZIP_DEFLATED) as zf:
-            for p in files + [root / new / "RECORD"]:
-                zf.write(p, p.relative_to(root).as_posix())
+        with zipfile.ZipFile(Path(directory) / out_name, "w", zipfile.ZIP_DEFLATED) as out:
+            for info in infos:
+                if info.is_dir() or info.filename == f"{old}/RECORD":
+                    continue
+                name = info.filename
+                data = zf.read(info)
+                if name.startswith(old + "/"):
+                    name = new + name[len(old):]
+                    if name == f"{new}/METADATA":
+                        data = (meta_root / new / "METADATA").read_bytes()
+                entry = zipfile.ZipInfo(name, date_time=info.date_time)
+                entry.external_attr = info.external_attr
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                out.writestr(entry, data)
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                record_rows.append(f"{name},sha256={digest},{len(data)}")
+            record_rows.append(f"{new}/RECORD,,")
+            out.writestr(zipfile.ZipInfo(f"{new}/RECORD", date_time=infos[-1].date_time),
+                         "\n".join(record_rows) + "\n", zipfile.ZIP_DEFLATED)
     src.unlink()
     return out_name
 

@@ -7,9 +7,9 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
-from . import _params
+from . import _params, rpc
 from ._handle import Handle
 from .raw import clear_errors, fail, ffi, lib
 from .errors import ClosedError, InvalidInputError, LlamaError, ModelLoadError, ModelNotFoundError
@@ -96,13 +96,16 @@ class Model(Handle):
     The file is checked before llama.cpp sees it: it must exist, match ``sha256`` if given,
     and have a sound GGUF header and tensor table. ``progress`` is called with a fraction
     in [0, 1] while loading; returning False cancels the load (ModelLoadError).
+    ``rpc_servers`` (``["host:port", ...]``, ``+rpc`` builds) offloads layers to ggml RPC servers
+    too, each checked within ``rpc_timeout`` seconds first (``llamabind.rpc``).
     Extra keyword arguments set fields of ``llama_model_params`` by name.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, main_gpu: int = 0,
                  split_mode: str | int = "layer", use_mmap: bool | None = None, use_mlock: bool = False,
                  sha256: str | None = None, progress: ProgressCallback | None = None,
-                 check: bool = True, **params: Any) -> None:
+                 check: bool = True, rpc_servers: Sequence[str] | None = None, rpc_timeout: float = 5.0,
+                 **params: Any) -> None:
         path = _check_path(path, "model file")
         if sha256 is not None:
             actual = sha256_file(path)
@@ -117,11 +120,19 @@ class Model(Handle):
         if mode is not None:
             mparams.load_mode = mode
         state = _Progress.attach(mparams, progress)
+        remote = rpc.devices(rpc_servers, rpc_timeout) if rpc_servers is not None else None
+        if remote is not None:
+            mparams.devices = remote.array
         clear_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
         if ptr == ffi.NULL:
+            if remote is not None:
+                remote.close()
             load_failed(state, ModelLoadError, path, f"llama.cpp could not load {path}")
         super().__init__(ptr, lib.llama_model_free)
+        self._rpc = remote  # the endpoints stay marked in use while the model lives
+        if remote is not None:
+            self.adopt(remote)
         self.path = path
         self.vocab_only = bool(mparams.vocab_only)
         self._lock = threading.RLock()
