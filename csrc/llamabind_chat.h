@@ -48,12 +48,17 @@ LLAMABIND_SHIM_API void llamabind_chat_parser_free(struct llamabind_chat_parser 
 LLAMABIND_SHIM_API char * llamabind_chat_parse(const struct llamabind_chat_parser * parser, const char * text,
                                                size_t len, bool is_partial, char * err, size_t err_size);
 
-/* Streaming: append text to what the parser has seen, re-parse, and return the deltas since the
+/* Streaming: append text to what the parser has seen, parse, and return the deltas since the
    last call, as a JSON list of {"content"}, {"reasoning_content"} or {"index", "id", "name",
    "arguments"} objects. With is_partial false this is the end: the final message is then
    available from llamabind_chat_parser_message. */
 LLAMABIND_SHIM_API char * llamabind_chat_parser_feed(struct llamabind_chat_parser * parser, const char * text,
                                                      size_t len, bool is_partial, char * err, size_t err_size);
+
+/* How many feeds re-parsed everything fed so far. The others appended their text to the open
+   content or reasoning at the end of the last parse, which is proved to give the same message
+   (llamabind_chat_parse.cpp): streaming costs the new text, not the whole output. */
+LLAMABIND_SHIM_API size_t llamabind_chat_parser_reparses(const struct llamabind_chat_parser * parser);
 
 /* The message parsed so far, as OpenAI JSON. */
 LLAMABIND_SHIM_API char * llamabind_chat_parser_message(const struct llamabind_chat_parser * parser, char * err,

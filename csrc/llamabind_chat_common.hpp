@@ -6,12 +6,15 @@
 #include "llamabind_chat.h"
 
 #include "chat.h"
+#include "chat-peg-parser.h"
 #include "log.h"
+#include "trie.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -22,12 +25,22 @@ struct llamabind_chat_templates {
     common_chat_templates_ptr ptr;
 };
 
+// Where streamed text goes without a re-parse: the open content or reasoning node at the end of
+// the last parse (see llamabind_chat_parse.cpp), and the delimiters that would close it.
+enum llamabind_chat_tail { LLAMABIND_TAIL_NONE, LLAMABIND_TAIL_CONTENT, LLAMABIND_TAIL_REASONING };
+
 struct llamabind_chat_parser {
-    common_chat_parser_params params;
-    std::string               text;     // everything fed so far
-    common_chat_msg           msg;      // its last parse
-    std::vector<std::string>  ids;      // tool call ids, fixed once given
-    bool                      content_only = false;
+    common_chat_parser_params    params;
+    common_peg_arena             pure_content;  // the parser llama.cpp uses when params.parser is empty
+    std::string                  text;          // everything fed so far
+    common_chat_msg              msg;           // its last parse
+    std::vector<std::string>     ids;           // tool call ids, fixed once given
+    bool                         content_only = false;
+    llamabind_chat_tail          tail         = LLAMABIND_TAIL_NONE;
+    std::unique_ptr<common_trie> stops[3];      // per tail kind: the delimiters that end it (null: no fast path)
+    size_t                       n_reparsed   = 0;
+
+    const common_peg_arena & arena() const { return params.parser.empty() ? pure_content : params.parser; }
 };
 namespace llamabind_chat {
 

@@ -156,3 +156,57 @@ def test_a_finished_parser_refuses_more(templates):
     parser.finish("done")
     with pytest.raises(lb.InvalidInputError, match="finished"):
         parser.feed("more")
+
+
+# Outputs whose content holds pieces of markers, for the streaming tests below (compared with
+# llama.cpp's own parse of the same text, so no expected message is written by hand).
+TRICKY = [
+    ("Qwen-Qwen3-0.6B.jinja", "<think>\nis 2 < 3? yes, </thin is no end\n</think>\n\nUse <tool_ or <b>bold</b>."
+     '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'),
+    ("openai-gpt-oss-120b.jinja", "<|channel|>analysis<|message|>a <|en tag<|end|><|start|>assistant<|channel|>final"
+     "<|message|>x <| y"),
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja", "Braces { and } and <|python_tag but plain text."),
+]
+
+
+def _pieces(text: str, sizes: tuple[int, ...]) -> list[str]:
+    out, i, k = [], 0, 0
+    while i < len(text):
+        out.append(text[i:i + sizes[k % len(sizes)]])
+        i += sizes[k % len(sizes)]
+        k += 1
+    return out
+
+
+@pytest.mark.parametrize("name,output", [(c[0], c[1]) for c in CASES] + TRICKY,
+                         ids=[f"case{i}" for i in range(len(CASES))] + [f"tricky{i}" for i in range(len(TRICKY))])
+def test_streamed_message_equals_a_fresh_parse_after_every_piece(templates, name, output):
+    """A feed that does not re-parse (it extends the open content or reasoning) leaves the same
+    message as llama.cpp's parse of all the text so far; and most feeds do not re-parse."""
+    prompt = templates(name).apply(ASK, tools=TOOLS)
+    for sizes in ((1,), (3, 1, 4, 1, 5), (7, 2)):
+        parser, fresh = ChatParser(prompt), ChatParser(prompt)
+        pieces = _pieces(output, sizes)
+        text, skipped = "", 0
+        for piece in pieces:
+            before = parser.reparses
+            parser.feed(piece)
+            text += piece
+            if parser.reparses == before:
+                skipped += 1
+                assert _without_ids(parser.message) == _without_ids(fresh.parse(text, partial=True)), (sizes, text)
+        parser.finish()
+        final = parser.message
+        assert _without_ids(final) == _without_ids(fresh.parse(output))
+        if sizes == (1,) and len(final.content) + len(final.reasoning_content) >= 8:  # text that streams
+            assert skipped > 0, name
+
+
+def test_a_long_stream_reparses_only_near_markers(templates):
+    """4,000 tokens of reasoning and content cost a handful of full parses, not 4,000."""
+    prompt = templates("Qwen-Qwen3-0.6B.jinja").apply(ASK, tools=TOOLS)
+    parser = ChatParser(prompt)
+    pieces = ["<think>", "\n"] + ["word "] * 2000 + ["</think>", "\n\n"] + ["more "] * 2000
+    deltas = [d for p in pieces for d in parser.feed(p)] + parser.finish()
+    assert parser.reparses < 12
+    assert _concat(deltas) == parser.message == ChatParser(prompt).parse("".join(pieces))

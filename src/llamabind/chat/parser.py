@@ -63,6 +63,13 @@ class ChatParser(Handle):
         return [ChatDelta.from_json(d) for d in raw]
 
     @property
+    def reparses(self) -> int:
+        """How many feeds re-parsed the whole output; the others extended the open content or
+        reasoning at its end by their text alone (the same message, at the new text's cost)."""
+        with self._lock:
+            return int(lib.llamabind_chat_parser_reparses(self.ptr))
+
+    @property
     def message(self) -> ChatMessage:
         """The message parsed so far (the final one after ``finish``)."""
         err = ffi.new("char[]", _ERR)
