@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "llamabind"
 ROOT = SRC if SRC.is_dir() else PKG
 
 FLOOR = {"errors": 0, "raw": 0, "_build_info": 0, "_llamabind": 0,
-         "generation": 2, "embeddings": 2, "mtmd": 2, "engine": 3, "cli": 4, "bench": 4, "__main__": 4,
+         "generation": 2, "embeddings": 2, "mtmd": 2, "engine": 3, "cli": 4, "bench": 4, "server": 4, "__main__": 4,
          "__init__": 5}
 
 

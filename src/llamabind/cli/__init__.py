@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, embed, generate, info
+from . import bench, chat, embed, generate, info, serve
 from .common import set_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llamabind", description="llamabind command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for command in (info, generate, chat, embed, bench):
+    for command in (info, generate, chat, embed, bench, serve):
         command.add_parser(sub)
     args = ap.parse_args(argv)
     set_logging(args.verbose)

@@ -1,0 +1,203 @@
+"""OpenAI request bodies, checked and turned into engine requests (``llamabind.engine.Request``
+fields), with llama-server's extensions; anything wrong is an ``APIError`` naming the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# llama-server's sampling defaults (the engine's own default is greedy)
+DEFAULT_TEMPERATURE = 0.8
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+@dataclass
+class Call:
+    """One parsed request: the engine options and how to answer."""
+
+    options: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    top_logprobs: int = -1  # -1: no logprobs asked for
+
+
+def _get(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise bad(name, f"'{name}' must be {what}, not a boolean")
+    if not isinstance(v, kinds):
+        raise bad(name, f"'{name}' must be {what}, not {type(v).__name__}")
+    return v
+
+
+def _number(body: Mapping[str, Any], name: str, lo: float | None = None, hi: float | None = None,
+            integer: bool = False) -> Any:
+    v = _get(body, name, int if integer else (int, float), "an integer" if integer else "a number")
+    if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+        span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+        raise bad(name, f"'{name}' must be {span}, not {v}")
+    return v
+
+
+def _stop(body: Mapping[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", "'stop' must be a string or a list of non-empty strings")
+    return stop
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
+    lb = _get(body, "logit_bias", dict, "an object of token ids to biases")
+    if not lb:
+        return None
+    out: dict[int, float] = {}
+    for k, v in lb.items():
+        try:
+            tok = int(k)
+        except (TypeError, ValueError):
+            raise bad("logit_bias", f"'logit_bias' keys must be token ids, not {k!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], not {v!r}")
+        out[tok] = float(v)
+    return out
+
+
+def _common(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+    """What chat and text completions share: length, sampling, stops, streaming."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    n = _number(body, "n", 1, integer=True)
+    if n not in (None, 1):
+        raise bad("n", "only n=1 is supported")
+    opts: dict[str, Any] = {}
+    limit = None
+    for name in ("max_completion_tokens", "max_tokens", "n_predict"):
+        v = _number(body, name, integer=True)
+        if v is not None and not (name == "n_predict" and v < 0):
+            if v < 1:
+                raise bad(name, f"'{name}' must be >= 1, not {v}")
+            limit = v if limit is None else limit
+    opts["max_tokens"] = limit if limit is not None else n_ctx_seq  # as llama-server: until the context is full
+    t = _number(body, "temperature", 0)
+    opts["temperature"] = DEFAULT_TEMPERATURE if t is None else float(t)
+    for name, lo, hi, integer in (("top_p", 0, 1, False), ("min_p", 0, 1, False), ("top_k", 0, None, True),
+                                  ("frequency_penalty", -2, 2, False), ("presence_penalty", -2, 2, False),
+                                  ("repeat_penalty", 0, None, False), ("seed", None, None, True)):
+        v = _number(body, name, lo, hi, integer)
+        if v is not None:
+            opts[name] = v if integer else float(v)
+    if opts.get("seed") is not None and not 0 <= opts["seed"] < 2 ** 32:
+        opts["seed"] %= 2 ** 32  # OpenAI takes any integer; llama.cpp's seed is 32 bits
+    opts["stop"] = _stop(body)
+    bias = _logit_bias(body)
+    if bias:
+        opts["logit_bias"] = bias
+    grammar = _get(body, "grammar", str, "a GBNF grammar")
+    if grammar:
+        opts["grammar"] = grammar
+    if _get(body, "ignore_eos", bool, "a boolean"):
+        opts["ignore_eog"] = True
+    stream = bool(_get(body, "stream", bool, "a boolean"))
+    so = _get(body, "stream_options", dict, "an object")
+    if so is not None and not stream:
+        raise bad("stream_options", "'stream_options' is only allowed with stream: true")
+    usage = bool(_get(so or {}, "include_usage", bool, "a boolean"))
+    return Call(opts, stream, usage)
+
+
+def chat_call(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+    """A ``/v1/chat/completions`` body as an engine request."""
+    call = _common(body, n_ctx_seq)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}]", f"messages[{i}] must be an object with a 'role'")
+    opts = call.options
+    opts["messages"] = messages
+    if _get(body, "logprobs", bool, "a boolean"):
+        opts["logprobs"] = True
+        call.top_logprobs = _number(body, "top_logprobs", 0, 20, integer=True) or 0
+        opts["top_logprobs"] = call.top_logprobs
+    elif body.get("top_logprobs"):
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    tools = _get(body, "tools", list, "a list of tools")
+    if tools:
+        opts["tools"] = tools
+    for name, kinds, what in (("tool_choice", (str, dict), "a string or an object"),
+                              ("parallel_tool_calls", bool, "a boolean"),
+                              ("response_format", dict, "an object"), ("json_schema", dict, "an object"),
+                              ("reasoning_format", str, "a string"), ("reasoning_effort", str, "a string"),
+                              ("enable_thinking", bool, "a boolean"), ("chat_template_kwargs", dict, "an object"),
+                              ("add_generation_prompt", bool, "a boolean"),
+                              ("continue_final_message", bool, "a boolean")):
+        v = _get(body, name, kinds, what)
+        if v is not None:
+            opts[name] = v
+    rf = opts.get("response_format")
+    if rf is not None and rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format", "'response_format.type' must be text, json_object or json_schema")
+    return call
+
+
+def completion_call(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+    """A ``/v1/completions`` body as an engine request: one prompt, text or token ids."""
+    call = _common(body, n_ctx_seq)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise bad("prompt", "'prompt' must be a string, a list of token ids, or a list of one of those")
+    elif not isinstance(prompt, str):
+        raise bad("prompt", "'prompt' must be a string or a list of token ids")
+    call.options["prompt"] = prompt
+    lp = _number(body, "logprobs", 0, 20, integer=True)
+    if lp is not None:
+        call.options.update(logprobs=True, top_logprobs=lp)
+        call.top_logprobs = lp
+    if _get(body, "echo", bool, "a boolean"):
+        raise bad("echo", "'echo' is not supported")
+    if body.get("suffix"):
+        raise bad("suffix", "'suffix' is not supported")
+    if _number(body, "best_of", 1, integer=True) not in (None, 1):
+        raise bad("best_of", "only best_of=1 is supported")
+    return call
+
+
+def embedding_input(body: Mapping[str, Any]) -> tuple[list[str], int | None, bool]:
+    """A ``/v1/embeddings`` body: the texts, the ``dimensions`` asked for, and whether the
+    vectors go as base64 (of little-endian float32, as OpenAI sends them)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad("input", "'input' must be a string or a non-empty list of strings")
+    fmt = body.get("encoding_format")
+    if fmt not in (None, "float", "base64"):
+        raise bad("encoding_format", "'encoding_format' must be float or base64")
+    return texts, _number(body, "dimensions", 1, integer=True), fmt == "base64"
