@@ -60,15 +60,36 @@ def engine_static(model: lb.Model, b: int, pp: int, tg: int, threads: int) -> di
     return {"S_PP": b * pp / t_pp, "S_TG": b * (tg - 1) / (t - t_pp), "S": b * (pp + tg) / t}
 
 
+# llama-batched-bench writes its results through llama.cpp's asynchronous logger and returns from
+# main() without common_log_flush() (which common/log.h asks for), so on a busy machine the process
+# often exits before the logger's thread has printed anything: exit code 0 and no output at all.
+# The executable's main() only calls llama_batched_bench() from libllama-batched-bench-impl, so the
+# harness calls that same function and then flushes the logger, as the tool should.
+_NATIVE_RUNNER = """
+import ctypes, sys
+tools, args = sys.argv[1], sys.argv[2:]
+common = ctypes.CDLL(tools + "/libllama-common.so", mode=ctypes.RTLD_GLOBAL)
+impl = ctypes.CDLL(tools + "/libllama-batched-bench-impl.so")
+argv = (ctypes.c_char_p * (len(args) + 2))(b"llama-batched-bench", *[a.encode() for a in args], None)
+rc = impl._Z19llama_batched_benchiPPc(len(args) + 1, argv)
+common._Z15common_log_mainv.restype = ctypes.c_void_p
+common._Z16common_log_flushP10common_log(ctypes.c_void_p(common._Z15common_log_mainv()))
+sys.stdout.flush()
+sys.exit(rc)
+"""
+
+
 def native_static(tool: Path, model_path: str, b: int, pp: int, tg: int, threads: int) -> dict:
-    out = subprocess.run([str(tool), "-m", model_path, "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512",
-                          "-npp", str(pp), "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu",
-                          "--output-format", "jsonl"], capture_output=True, text=True, timeout=1800)
-    for line in (out.stdout + out.stderr).splitlines():
+    args = ["-m", model_path, "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512", "-npp", str(pp),
+            "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu", "--output-format", "jsonl"]
+    out = subprocess.run([sys.executable, "-c", _NATIVE_RUNNER, str(tool.parent), *args],
+                         capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
         if line.startswith("{") and '"speed_tg"' in line:
             d = json.loads(line)
             return {"S_PP": d["speed_pp"], "S_TG": d["speed_tg"], "S": d["speed"]}
-    raise RuntimeError(f"llama-batched-bench printed no result: {out.stderr[-800:]}")
+    raise RuntimeError(f"llama-batched-bench ({tool.parent}) printed no result: exit code {out.returncode}, "
+                       f"stdout {out.stdout[-800:]!r}, stderr {out.stderr[-800:]!r}")
 
 
 def static(args: argparse.Namespace, model: lb.Model) -> list[dict]:
