@@ -7,6 +7,9 @@ It adds two config settings (or environment variables) on top of scikit-build-co
   and names the wheel (``llamabind``, ``llamabind-cuda``, ...; all import as ``llamabind``).
 * ``portable`` / ``LLAMABIND_PORTABLE``: ``1`` builds a redistributable CPU build
   (no ``-march=native``; the CPU variant is chosen at run time).
+* ``cuda-architectures`` / ``LLAMABIND_CUDA_ARCHITECTURES``: the GPU architectures of a CUDA
+  build (default ``86;89;90``; one, e.g. ``90``, builds fastest). A CUDA wheel depends on
+  NVIDIA's runtime wheels (``nvidia-cuda-runtime``, ``nvidia-cublas``) of nvcc's CUDA major.
 
 Before anything builds, it checks the accelerator value and the C/C++ compilers, and makes
 sure the pinned llama.cpp source is in ``vendor/llama.cpp`` (fetching it by hash if not).
@@ -44,12 +47,21 @@ def _setting(config_settings: dict | None, key: str, env: str) -> str | None:
 
 def _prepare(config_settings: dict | None, *, compile: bool, source: bool = True) -> tuple[dict, _acc.Accelerator]:
     """Validate our settings, fetch the source (when ``source``), and translate to scikit-build-core settings."""
-    settings = {k: v for k, v in (config_settings or {}).items() if k not in ("accelerator", "portable")}
+    ours = ("accelerator", "portable", "cuda-architectures")
+    settings = {k: v for k, v in (config_settings or {}).items() if k not in ours}
     try:
         accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
+        defines = accel.cmake_defines()
+        if accel.backend == "cuda":
+            cuda, major = _acc.cuda_defines(_setting(config_settings, "cuda-architectures",
+                                                     "LLAMABIND_CUDA_ARCHITECTURES"))
+            if compile:
+                defines.update(cuda)
+            accel = _acc.Accelerator(accel.backend, accel.addons, tuple(_acc.cuda_requires(major)))
+        if accel.backend == "vulkan" and compile and (missing := _acc.vulkan_missing()):
+            raise _acc.AcceleratorError("accelerator vulkan needs " + "; ".join(missing))
     except _acc.AcceleratorError as e:
         _fail(str(e))
-    defines = accel.cmake_defines()
     if (_setting(config_settings, "portable", "LLAMABIND_PORTABLE") or "").lower() in ("1", "true", "on", "yes"):
         defines.update(_acc.portable_defines())
     for key, value in defines.items():
@@ -78,7 +90,11 @@ def _rename_dist_info(root: Path, old: str, accel: _acc.Accelerator) -> str:
     new = old.replace(_normalise(BASE_NAME), _normalise(accel.distribution), 1)
     (root / old).rename(root / new)
     meta = root / new / "METADATA"
-    meta.write_text(re.sub(r"^Name: .*$", f"Name: {accel.distribution}", meta.read_text(), count=1, flags=re.M))
+    text = re.sub(r"^Name: .*$", f"Name: {accel.distribution}", meta.read_text(), count=1, flags=re.M)
+    if accel.requires:  # after the headers' last line (the body, the README, follows a blank line)
+        head, sep, body = text.partition("\n\n")
+        text = head + "".join(f"\nRequires-Dist: {r}" for r in accel.requires) + sep + body
+    meta.write_text(text)
     return new
 
 
@@ -120,8 +136,17 @@ def _rename_wheel(directory: str, filename: str, accel: _acc.Accelerator) -> str
     return out_name
 
 
+def _backend_requires(config_settings: dict | None) -> list[str]:
+    """Build requirements of the accelerator: cuBLAS from NVIDIA's wheel when the CUDA toolkit lacks it."""
+    try:
+        accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
+    except _acc.AcceleratorError as e:
+        _fail(str(e))
+    return _acc.cuda_build_requires() if accel.backend == "cuda" else []
+
+
 def get_requires_for_build_wheel(config_settings=None):
-    return _skb.get_requires_for_build_wheel(config_settings)
+    return _skb.get_requires_for_build_wheel(config_settings) + _backend_requires(config_settings)
 
 
 def get_requires_for_build_sdist(config_settings=None):
@@ -129,7 +154,7 @@ def get_requires_for_build_sdist(config_settings=None):
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _skb.get_requires_for_build_editable(config_settings)
+    return _skb.get_requires_for_build_editable(config_settings) + _backend_requires(config_settings)
 
 
 def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):

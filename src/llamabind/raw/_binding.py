@@ -10,10 +10,88 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 import threading
 
-from .. import _llamabind
-from .._llamabind import ffi, lib
+from .. import _build_info
+
+# Every flavour installs the package ``llamabind``; the distributions are named after the accelerator.
+_FLAVOUR_DIST = re.compile(r"^(llamabind(?:_(?:cpu|cuda|vulkan|metal|hip|sycl|rpc))*)-[^-]+\.dist-info$")
+_CUDA_LIBS = ("libcudart.so.{}", "libcublasLt.so.{}", "libcublas.so.{}")
+
+
+def _flavours(site: str) -> dict[str, str]:
+    """The llamabind distributions installed in ``site``: name -> dist-info directory."""
+    try:
+        names = os.listdir(site)
+    except OSError:
+        return {}
+    return {m.group(1).replace("_", "-"): os.path.join(site, n) for n in names if (m := _FLAVOUR_DIST.match(n))}
+
+
+def _check_one_flavour(site: str) -> dict[str, str]:
+    """Two flavours in one environment overwrite each other's files: refuse to run on the mixture."""
+    found = _flavours(site)
+    if len(found) > 1:
+        names = " ".join(sorted(found))
+        raise ImportError(f"several llamabind flavours are installed in {site}: {', '.join(sorted(found))}. They "
+                          f"all install the package 'llamabind' and overwrite each other's files (the files "
+                          f"found now are from the {_build_info.ACCELERATOR} build). Keep one: "
+                          f"pip uninstall -y {names}, then install the one you want.")
+    return found
+
+
+def _cuda_major(dist_info: str | None) -> int | None:
+    """The CUDA major the wheel was built for, from its Requires-Dist on nvidia-cuda-runtime."""
+    try:
+        with open(os.path.join(dist_info or "", "METADATA"), encoding="utf-8") as f:
+            match = re.search(r"^Requires-Dist: nvidia-cuda-runtime==(\d+)", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _preload_cuda(major: int) -> None:
+    """Load libcudart/libcublas of NVIDIA's runtime wheels (``nvidia/cu13/lib``, or
+    ``nvidia/<component>/lib`` for CUDA 12) globally, as the major frameworks do; the
+    system's CUDA is used where no wheel is installed."""
+    import ctypes
+
+    for soname in (name.format(major) for name in _CUDA_LIBS):
+        for entry in sys.path:
+            root = os.path.join(entry, "nvidia")
+            dirs = [os.path.join(root, f"cu{major}", "lib")] + [
+                os.path.join(root, d, "lib") for d in ("cuda_runtime", "cublas")]
+            path = next((os.path.join(d, soname) for d in dirs if os.path.isfile(os.path.join(d, soname))), None)
+            if path is not None:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                break
+
+
+def _load_extension():
+    """Import the compiled extension; a missing CUDA runtime is named with the wheels that provide it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = _check_one_flavour(os.path.dirname(here))
+    cuda = _build_info.ACCELERATOR.split("+")[0] == "cuda"
+    major = _cuda_major(next(iter(found.values()), None)) if cuda else None
+    if major is not None:
+        _preload_cuda(major)
+    try:
+        from .. import _llamabind as extension
+    except ImportError as e:
+        if not cuda or not re.search(r"lib(cudart|cublas|cublasLt|cuda)\.so", str(e)):
+            raise
+        want = f"=={major}.*" if major else ""
+        raise ImportError(f"llamabind-cuda cannot load CUDA ({e}). Install NVIDIA's runtime wheels "
+                          f"(pip install nvidia-cuda-runtime{want} nvidia-cublas{want}) or the CUDA "
+                          f"{major or ''} toolkit system-wide; running on a GPU also needs NVIDIA's driver "
+                          f"(libcuda.so.1).") from e
+    return extension
+
+
+_llamabind = _load_extension()
+ffi, lib = _llamabind.ffi, _llamabind.lib
 
 __all__ = ["ffi", "lib", "logger"]
 
@@ -70,8 +148,6 @@ def take_errors() -> str:
 def _init() -> None:
     lib.llama_log_set(lib._llamabind_log, ffi.NULL)
     lib.mtmd_helper_log_set(lib._llamabind_log, ffi.NULL)
-    from .. import _build_info
-
     if _build_info.BACKEND_DL:
         # Backends are separate modules next to this file; ggml picks the best CPU variant.
         lib.ggml_backend_load_all_from_path(os.path.dirname(os.path.abspath(_llamabind.__file__)).encode())
