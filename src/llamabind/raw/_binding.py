@@ -150,8 +150,25 @@ def _init() -> None:
     lib.mtmd_helper_log_set(lib._llamabind_log, ffi.NULL)
     if _build_info.BACKEND_DL:
         # Backends are separate modules next to this file; ggml picks the best CPU variant.
-        lib.ggml_backend_load_all_from_path(os.path.dirname(os.path.abspath(_llamabind.__file__)).encode())
+        here = os.path.dirname(os.path.abspath(_llamabind.__file__))
+        lib.ggml_backend_load_all_from_path(here.encode())
+        if _build_info.ACCELERATOR.split("+")[0] == "cuda" and lib.ggml_backend_reg_by_name(b"CUDA") == ffi.NULL:
+            _cuda_module_failed(os.path.join(here, "libggml-cuda.so"))
     lib.llama_backend_init()
+
+
+def _cuda_module_failed(module: str) -> None:
+    """A CUDA build whose backend module did not load: say why (the loader's message) and what to install."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(module)
+        why = "it loads, but registered no backend"
+    except OSError as e:
+        why = str(e)
+    raise ImportError(f"llamabind-cuda cannot load its CUDA backend ({why}). Install NVIDIA's runtime wheels "
+                      f"(pip install nvidia-cuda-runtime nvidia-cublas, of the CUDA major it was built for) or "
+                      f"CUDA system-wide; running on a GPU also needs NVIDIA's driver (libcuda.so.1).")
 
 
 _init()
