@@ -248,3 +248,13 @@ def test_server_dying_mid_generation_aborts_the_process(tiny_model_path):
     finally:
         if proc.poll() is None:
             stop(proc)
+
+
+def test_builds_without_rpc_say_so(tiny_model_path):
+    if rpc.supported():
+        pytest.skip(f"accelerator {_build_info.ACCELERATOR} has the RPC backend")
+    with pytest.raises(lb.ModelLoadError, match="no RPC backend"):
+        lb.Model(tiny_model_path, rpc_servers=["127.0.0.1:50052"], n_gpu_layers=-1)
+    out = subprocess.run([sys.executable, "-c", "from llamabind import rpc; rpc.serve([])"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no RPC backend" in out.stderr
