@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ._handle import Handle
+from .gbnf import GrammarLimits, check_grammar, nesting
 from .raw import clear_errors, fail, ffi, lib, reason
 from .errors import BusyError, InvalidInputError
 
@@ -124,19 +125,22 @@ class Sampler(Handle):
         return cls(lib.llama_sampler_init_adaptive_p(target, decay, _seed(seed)), "adaptive_p")
 
     @classmethod
-    def grammar(cls, vocab: "Vocab", grammar: str, root: str = "root") -> "Sampler":
-        """Constrain output to a GBNF grammar; a malformed grammar raises InvalidInputError."""
-        return cls._grammar(vocab, grammar, root, False, (), ())
+    def grammar(cls, vocab: "Vocab", grammar: str, root: str = "root", *,
+                limits: GrammarLimits | None = None) -> "Sampler":
+        """Constrain output to a GBNF grammar; a malformed grammar, or one past ``limits``
+        (size, rules, alternatives: see ``gbnf.check_grammar``), raises InvalidInputError."""
+        return cls._grammar(vocab, grammar, root, False, (), (), limits)
 
     @classmethod
     def grammar_lazy(cls, vocab: "Vocab", grammar: str, root: str = "root",
-                     trigger_patterns: Iterable[str] = (), trigger_tokens: Iterable[int] = ()) -> "Sampler":
+                     trigger_patterns: Iterable[str] = (), trigger_tokens: Iterable[int] = (), *,
+                     limits: GrammarLimits | None = None) -> "Sampler":
         """A grammar that applies only once a trigger pattern (a regular expression) or token appears."""
-        return cls._grammar(vocab, grammar, root, True, trigger_patterns, trigger_tokens)
+        return cls._grammar(vocab, grammar, root, True, trigger_patterns, trigger_tokens, limits)
 
     @classmethod
     def _grammar(cls, vocab: "Vocab", grammar: str, root: str, lazy: bool, trigger_patterns: Iterable[str],
-                 trigger_tokens: Iterable[int]) -> "Sampler":
+                 trigger_tokens: Iterable[int], limits: GrammarLimits | None) -> "Sampler":
         if not isinstance(grammar, str) or not grammar.strip() or "\0" in grammar:
             raise InvalidInputError("grammar must be a non-empty GBNF string")
         if not isinstance(root, str) or not root or "\0" in root:
@@ -144,10 +148,10 @@ class Sampler(Handle):
         patterns = list(trigger_patterns)
         if not all(isinstance(p, str) and "\0" not in p for p in patterns):
             raise InvalidInputError("trigger patterns must be strings")
-        # llama.cpp's grammar parser and std::regex recurse per nesting level: a deep one overflows the stack
-        for what, text, limit in [("grammar", grammar, 2000)] + [("trigger pattern", p, 200) for p in patterns]:
-            if _nesting(text) > limit:
-                raise InvalidInputError(f"{what} nests deeper than {limit} levels")
+        check_grammar(grammar, limits)  # also bounds nesting: llama.cpp's parser recurses per level
+        for p in patterns:  # as std::regex does
+            if nesting(p) > 200:
+                raise InvalidInputError("trigger pattern nests deeper than 200 levels")
         pats = [ffi.new("char[]", p.encode()) for p in patterns]
         toks = np.ascontiguousarray(list(trigger_tokens), dtype=np.int32)
         vocab.check_tokens(toks)
@@ -392,18 +396,6 @@ class _Use:
     def __exit__(self, *exc: object) -> None:
         self._s._busy = self._prev
         self._s._lock.release()
-
-
-def _nesting(text: str) -> int:
-    """Deepest nesting of brackets in ``text`` (an upper bound: quoting is not parsed)."""
-    depth = most = 0
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-            most = max(most, depth)
-        elif ch in ")]}" and depth:
-            depth -= 1
-    return most
 
 
 def _token_array(candidates: np.ndarray) -> Any:

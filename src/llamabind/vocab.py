@@ -247,6 +247,11 @@ class Detokenizer:
         """Text completed by ``token`` ("" while a character is still incomplete)."""
         return self.feed_piece(self.entry(token)[0])
 
+    @property
+    def pending(self) -> bool:
+        """Whether the start of a character waits for the next token's bytes."""
+        return bool(self._buf)
+
     def flush(self) -> str:
         """Whatever is left; an incomplete trailing character becomes U+FFFD."""
         text = _utf8_decode(self._buf, "replace", True)[0]

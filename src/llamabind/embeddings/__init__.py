@@ -18,8 +18,8 @@ per-token output. Normalisations follow llama.cpp's ``common_embd_normalize``
 """
 
 from .embedder import Embedder
-from .facts import RerankResult, is_reranker
+from .facts import Embeddings, RerankResult, is_reranker
 from .normalize import NORMALIZE, POOLING, normalize
 from .reranker import Reranker
 
-__all__ = ["Embedder", "Reranker", "RerankResult", "normalize", "is_reranker", "POOLING", "NORMALIZE"]
+__all__ = ["Embedder", "Embeddings", "Reranker", "RerankResult", "normalize", "is_reranker", "POOLING", "NORMALIZE"]

@@ -13,7 +13,7 @@ from ..context import Context
 from ..errors import ContextOverflowError, InvalidInputError
 from ..model import Model
 from ..raw import ffi, lib
-from .facts import RerankResult, _check_texts, _pooling_id, is_reranker
+from .facts import Embeddings, RerankResult, _check_texts, _pooling_id, is_reranker
 from .normalize import _NO_RERANKER, _POOLING_NAMES, Normalize, _norm_mode, _normalize
 
 # -- the embedder --------------------------------------------------------------------------------
@@ -240,6 +240,12 @@ class Embedder:
         ``maxabs``, ``taxicab``, ``pnorm`` (with ``p``) or a llama.cpp ``--embd-normalize`` int.
         ``dim`` keeps the first ``dim`` components (Matryoshka) before normalising.
         """
+        return self.embed_with_usage(texts, normalize=normalize, p=p, dim=dim, prefix=prefix,
+                                     truncate=truncate).vectors
+
+    def embed_with_usage(self, texts: Sequence[str], *, normalize: Normalize = "auto", p: float | None = None,
+                         dim: int | None = None, prefix: str | None = None, truncate: bool = False) -> Embeddings:
+        """``embed()``, with the number of tokens each text became (``.n_tokens``, ``.total_tokens``)."""
         if self.pooling == "none":
             raise InvalidInputError("pooling is none: use embed_tokens() for per-token vectors")
         rank = self.pooling == "rank"
@@ -253,7 +259,7 @@ class Embedder:
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if dim is not None and dim < width:
             out = np.ascontiguousarray(out[:, :dim])
-        return _normalize(out, mode, pp)
+        return Embeddings(_normalize(out, mode, pp), tuple(t.size for t in toks))
 
     def embed_tokens(self, texts: Sequence[str], *, normalize: Normalize = "auto", p: float | None = None,
                      dim: int | None = None, prefix: str | None = None, truncate: bool = False) -> list[np.ndarray]:

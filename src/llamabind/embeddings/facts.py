@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..errors import InvalidInputError, ModelLoadError
 from ..gguf_check import check_gguf
 from ..model import Model
@@ -57,6 +59,19 @@ def _check_texts(texts: Any) -> list[str]:
         if not t:
             raise InvalidInputError(f"text {i} is an empty string")
     return items
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Pooled vectors, and how many tokens each text became (prefix included, after truncation):
+    what an embeddings API reports as its input usage."""
+
+    vectors: np.ndarray
+    n_tokens: tuple[int, ...]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.n_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,12 @@ from .api import (
            generate_many,
            render_prompt,
 )
-from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage
-from .loop import SeqState, run
+from .budget import ReasoningBudget
+from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage, itl_stats
+from .loop import SeqState, reuse_refused, run
+from .scoring import choice_probs, classify, next_logits
 from .stop import StopMatcher
 
-__all__ = ["Cancel", "DoneEvent", "Messages", "Prompt", "SeqState", "StopMatcher", "Timings", "TokenEvent", "Usage",
-           "complete", "finish", "generate", "generate_after", "generate_many", "render_prompt", "run"]
+__all__ = ["Cancel", "DoneEvent", "Messages", "Prompt", "ReasoningBudget", "SeqState", "StopMatcher", "Timings",
+           "TokenEvent", "Usage", "choice_probs", "classify", "complete", "finish", "generate", "generate_after",
+           "generate_many", "itl_stats", "next_logits", "render_prompt", "reuse_refused", "run"]

@@ -12,9 +12,11 @@ from ..context import Context
 from ..errors import ContextOverflowError, InvalidInputError, LlamaError
 from ..sampler import Sampler
 from ..vocab import as_tokens
-from .chatprep import prepare_chat
+from .budget import ReasoningBudget
+from .chatprep import generation_prompt_tokens, prepare_chat
 from .events import Cancel, DoneEvent, TokenEvent
 from .loop import SeqState, run
+from .truncate import kept_prefix, truncate_left
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 Messages = Sequence[Mapping[str, Any]]
@@ -22,14 +24,15 @@ Messages = Sequence[Mapping[str, Any]]
 
 def render_prompt(ctx: Context, prompt: Prompt | None = None, messages: Messages | None = None,
                   template: str | None = None, add_special: bool = True,
-                  parse_special: bool = True) -> np.ndarray:
+                  parse_special: bool = True, *, chat: Mapping[str, Any] | None = None) -> np.ndarray:
     """Tokens for a text prompt, a token list, or chat messages rendered with the chat template
-    (the model's Jinja template, as ``generate`` renders them)."""
+    (the model's Jinja template, as ``generate`` renders them, with ``chat`` options such as
+    ``enable_thinking`` or ``tools``)."""
     vocab = ctx.vocab
     if messages is not None:
         if prompt is not None:
             raise InvalidInputError("give a prompt or messages, not both")
-        tokens = prepare_chat(ctx, messages, template, {}, None, [], add_special).tokens
+        tokens = prepare_chat(ctx, messages, template, chat or {}, None, [], add_special).tokens
     elif isinstance(prompt, (str, bytes)):
         tokens = vocab.tokenize(prompt, add_special=add_special, parse_special=parse_special)
     elif prompt is None:
@@ -68,7 +71,8 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
              enable_thinking: bool | None = None, reasoning_format: str | None = None,
              reasoning_effort: str | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
              continue_final_message: bool | None = None, add_generation_prompt: bool | None = None,
-             now: int | None = None) -> Iterator[TokenEvent | DoneEvent]:
+             now: int | None = None, reasoning_budget: int | None = None, truncate: str | None = None,
+             on_token: Callable[[TokenEvent], object] | None = None) -> Iterator[TokenEvent | DoneEvent]:
     """Stream the continuation of ``prompt`` (text or tokens) or chat ``messages``.
 
     Only the part of the prompt after the longest prefix already in the sequence's KV cache
@@ -79,9 +83,20 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
     Chat ``messages`` are OpenAI-shaped and rendered by the model's Jinja template (or
     ``template``) as llama-server renders them; the other chat arguments mean what they mean
     in an OpenAI request. The output is parsed as it streams: ``TokenEvent.deltas`` and
-    ``DoneEvent.message`` (content, reasoning_content, tool_calls).
+    ``DoneEvent.message`` (content, reasoning_content, tool_calls). ``reasoning_budget``: after
+    that many thinking tokens the template's end-of-thinking tag is forced (as llama-server's
+    ``reasoning_budget_tokens``; nothing to do for a template without thinking tags).
+
+    ``truncate="left"``: a prompt that leaves less than ``max_tokens`` (at most half the
+    context) of room loses its oldest tokens after the BOS token or the system messages
+    (``usage.truncated_tokens``) instead of raising ContextOverflowError. ``on_token`` is called
+    with each TokenEvent before it is yielded: an exception it raises ends the generation as a
+    failing sampler does (a DoneEvent with the text so far, then the exception).
     """
     _check_ctx(ctx, max_tokens)
+    if reasoning_budget is not None and (isinstance(reasoning_budget, bool) or not isinstance(reasoning_budget, int)
+                                         or reasoning_budget < 0):
+        raise InvalidInputError(f"reasoning_budget must be an int >= 0 or None, not {reasoning_budget!r}")
     ctx.check_seq(seq_id)
     chat = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
             "response_format": response_format, "json_schema": json_schema, "enable_thinking": enable_thinking,
@@ -98,9 +113,13 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
         if tokens.size == 0:
             raise InvalidInputError("empty prompt: nothing to decode")
     else:
-        if any(v is not None for v in chat.values()):
-            raise InvalidInputError("chat arguments (tools, response_format, ...) need messages=")
+        if any(v is not None for v in chat.values()) or reasoning_budget is not None:
+            raise InvalidInputError("chat arguments (tools, response_format, reasoning_budget, ...) need messages=")
         tokens = render_prompt(ctx, prompt, None, template, add_special, parse_special)
+    n_cut = 0
+    if truncate is not None:
+        keep = kept_prefix(ctx, tokens, setup.text if setup else None, messages, add_special)
+        tokens, n_cut = truncate_left(ctx, tokens, truncate, max_tokens, keep)
     _check_fit(ctx, tokens)
     if setup is None:
         seq = SeqState(ctx, 0, seq_id, tokens, sampler or Sampler.greedy(), stop, max_tokens)
@@ -108,8 +127,12 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
         seq = SeqState(ctx, 0, seq_id, tokens, setup.sampler or sampler or Sampler.greedy(), setup.stop,
                        max_tokens, render=setup.render)
         seq.parser = setup.parser()
+        if reasoning_budget is not None and setup.prompt is not None:
+            seq.budget = ReasoningBudget.for_prompt(ctx.vocab, setup.prompt, reasoning_budget,
+                                                    generation_prompt_tokens(ctx, setup.prompt))
     seq.ignore_eog = ignore_eog
-    return run(ctx, [seq], reuse_cache=reuse_cache, cancel=cancel)
+    seq.n_truncated = n_cut
+    return run(ctx, [seq], reuse_cache=reuse_cache, cancel=cancel, on_token=on_token)
 
 
 def generate_many(ctx: Context, prompts: Sequence[Prompt], *, max_tokens: int | Sequence[int] = 256,

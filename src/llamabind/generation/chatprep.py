@@ -30,6 +30,7 @@ class ChatSetup:
     sampler: Sampler | None       # the request's grammar in front of the caller's sampler
     stop: list[str]
     render: frozenset[int]        # special tokens the parser needs to see as text
+    text: str = ""                # the rendered prompt
 
     def parser(self) -> ChatParser | None:
         return ChatParser(self.prompt) if self.prompt is not None else None
@@ -60,13 +61,13 @@ def prepare_chat(ctx: Context, messages: Sequence[Mapping[str, Any]], template: 
         smpl = None
         if schema is not None:
             smpl = Sampler.chain(Sampler.grammar(vocab, json_schema_to_grammar(schema)), _own(sampler))
-        return ChatSetup(tokens, None, smpl, list(stop), frozenset())
+        return ChatSetup(tokens, None, smpl, list(stop), frozenset(), text)
     prompt = ChatTemplates.for_model(ctx.model, template).apply(messages, **opts)
     text = prompt.prompt
     tokens = vocab.tokenize(text, add_special=add_special and not vocab.starts_with_bos(text), parse_special=True)
-    prefill = _generation_prompt_tokens(ctx, prompt) if prompt.grammar and not prompt.grammar_lazy else []
+    prefill = generation_prompt_tokens(ctx, prompt) if prompt.grammar and not prompt.grammar_lazy else []
     smpl = chat_sampler(vocab, prompt, sampler, prefill)
-    return ChatSetup(tokens, prompt, smpl, list(stop) + list(prompt.stop), preserved_token_ids(vocab, prompt))
+    return ChatSetup(tokens, prompt, smpl, list(stop) + list(prompt.stop), preserved_token_ids(vocab, prompt), text)
 
 
 def _schema(opts: Mapping[str, Any]) -> Any:
@@ -88,7 +89,7 @@ def _schema(opts: Mapping[str, Any]) -> Any:
     return schema
 
 
-def _generation_prompt_tokens(ctx: Context, prompt: ChatPrompt) -> list[int]:
+def generation_prompt_tokens(ctx: Context, prompt: ChatPrompt) -> list[int]:
     """The generation prompt's tokens, which the template's grammar starts with (llama.cpp's
     sampler prefills them; a leading space some tokenizers add before a special token is skipped)."""
     if not prompt.generation_prompt:

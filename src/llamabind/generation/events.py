@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..chat.types import ChatDelta, ChatMessage
 from ..raw import ffi
 from .logprobs import TokenLogprob
@@ -17,9 +19,9 @@ class TokenEvent:
 
     ``token`` is None for the final flush of held-back text when generation ends. In a chat
     generation ``deltas`` holds what the text changed in the parsed assistant message
-    (content, reasoning, tool-call pieces), shaped like OpenAI's stream. The engine sets
-    ``index`` to the request id, ``logprob`` where the request asked for log-probabilities,
-    and ``time`` (``time.perf_counter()`` when the token was sampled).
+    (content, reasoning, tool-call pieces), shaped like OpenAI's stream. ``time`` is
+    ``time.perf_counter()`` when the token was sampled (nobody needs to re-time tokens). The
+    engine sets ``index`` to the request id and ``logprob`` where the request asked for it.
     """
 
     token: int | None
@@ -32,20 +34,37 @@ class TokenEvent:
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts: the prompt as decoded (``cached_tokens`` of it reused from the KV cache,
+    ``truncated_tokens`` cut from it by ``truncate="left"``) and the tokens generated."""
+
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    truncated_tokens: int = 0
 
 
 @dataclass(slots=True)
 class Timings:
-    """Wall-clock time to first token, and llama.cpp's own prompt and generation rates."""
+    """Wall-clock time to first token, llama.cpp's own prompt and generation rates, and the
+    wall-clock gaps between tokens (inter-token latency: mean, median, 95th percentile)."""
 
     ttft_s: float
     prompt_tps: float
     generation_tps: float
     prompt_ms: float
     generation_ms: float
+    itl_mean_s: float = 0.0
+    itl_p50_s: float = 0.0
+    itl_p95_s: float = 0.0
+
+
+def itl_stats(times: Sequence[float]) -> tuple[float, float, float]:
+    """Inter-token latency (mean, p50, p95) in seconds from the tokens' sampling times."""
+    if len(times) < 2:
+        return 0.0, 0.0, 0.0
+    gaps = np.diff(np.asarray(times, dtype=np.float64))
+    p50, p95 = np.percentile(gaps, (50, 95))
+    return float(gaps.mean()), float(p50), float(p95)
 
 
 @dataclass(slots=True)

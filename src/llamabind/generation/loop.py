@@ -8,7 +8,9 @@ context's lease for the whole generation and its lock for each step.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Generator, Iterable, Iterator
+
+from ..model import Model
 
 import numpy as np
 
@@ -18,7 +20,8 @@ from ..context import Context, PerfData
 from ..errors import AbortedError, InvalidInputError
 from ..raw import clear_errors, ffi, lib
 from ..sampler import Sampler, sample_fast
-from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage
+from .budget import ReasoningBudget
+from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage, itl_stats
 from .stop import StopMatcher
 
 _NO_PERF = PerfData(0.0, 0.0, 0.0, 0, 0, 0)
@@ -29,7 +32,7 @@ class SeqState:
 
     __slots__ = ("index", "seq_id", "sampler", "detok", "stop", "max_tokens", "prompt", "n_cached",
                  "n_pos", "out", "text", "reason", "hit", "pending_token", "row", "t_first", "n_prompt",
-                 "ignore_eog", "prefill", "parser")
+                 "ignore_eog", "prefill", "parser", "times", "budget", "n_truncated")
 
     def __init__(self, ctx: Context, index: int, seq_id: int, prompt: np.ndarray, sampler: Sampler,
                  stop: Iterable[str], max_tokens: int, render: Iterable[int] = ()) -> None:
@@ -50,6 +53,16 @@ class SeqState:
         self.ignore_eog = False
         self.prefill: Callable[[], int] | None = None  # for an empty prompt: decodes the input, returns n_past
         self.parser: ChatParser | None = None  # a chat generation's output parser
+        self.times: list[float] = []  # perf_counter() of each generated token
+        self.budget: ReasoningBudget | None = None  # forces the end of thinking after N reasoning tokens
+        self.n_truncated = 0  # prompt tokens cut by truncate="left"
+
+
+def reuse_refused(model: Model) -> str | None:
+    """Why a model's KV cache cannot keep a prompt prefix across generations, or None if it can."""
+    if model.is_recurrent or model.is_hybrid:
+        return "recurrent and hybrid memories keep no per-position history: every prompt is decoded in full"
+    return None
 
 
 def _reusable(ctx: Context, seq_id: int, n_keep: int) -> int:
@@ -61,7 +74,7 @@ def _reusable(ctx: Context, seq_id: int, n_keep: int) -> int:
     checks). Recurrent and hybrid memories keep no per-position history: nothing is reused.
     """
     model = ctx.model
-    if n_keep <= 0 or model.is_recurrent or model.is_hybrid:
+    if n_keep <= 0 or reuse_refused(model) is not None:
         return 0
     n_swa = model.n_swa
     if n_swa > 0:
@@ -71,19 +84,22 @@ def _reusable(ctx: Context, seq_id: int, n_keep: int) -> int:
     return n_keep
 
 
+def keep_prefix(ctx: Context, seq_id: int, prompt: np.ndarray, reuse_cache: bool) -> int:
+    """Keep the longest usable cached prefix of ``prompt`` in the sequence, drop the rest; its length."""
+    mem, tokens = ctx.memory, ctx.tokens
+    n_keep = tokens.common_prefix(seq_id, prompt) if reuse_cache else 0
+    n_keep = _reusable(ctx, seq_id, min(n_keep, prompt.size - 1))  # the last token is decoded for its logits
+    if not (n_keep > 0 and mem.seq_rm(seq_id, n_keep, -1)):
+        n_keep = 0
+        mem.seq_rm(seq_id, -1, -1)
+    tokens.set(seq_id, prompt[:n_keep])
+    return n_keep
+
+
 def _reuse_prefix(ctx: Context, seqs: list[SeqState], reuse_cache: bool) -> None:
     """Keep each sequence's longest cached prompt prefix in the KV cache and drop the rest."""
-    mem, tokens = ctx.memory, ctx.tokens
     for s in seqs:
-        n_keep = tokens.common_prefix(s.seq_id, s.prompt) if reuse_cache else 0
-        n_keep = _reusable(ctx, s.seq_id, min(n_keep, s.prompt.size - 1))  # the last token is decoded for its logits
-        if n_keep > 0 and mem.seq_rm(s.seq_id, n_keep, -1):
-            s.n_cached = n_keep
-        else:
-            n_keep = 0
-            mem.seq_rm(s.seq_id, -1, -1)
-        tokens.set(s.seq_id, s.prompt[:n_keep])
-        s.n_pos = n_keep
+        s.n_cached = s.n_pos = keep_prefix(ctx, s.seq_id, s.prompt, reuse_cache)
 
 
 def _sample(ctx: Context, s: SeqState, cancel: Cancel | None, t0: float) -> TokenEvent | None:
@@ -91,15 +107,25 @@ def _sample(ctx: Context, s: SeqState, cancel: Cancel | None, t0: float) -> Toke
     if cancel is not None and cancel.is_set():
         s.reason = "cancelled"
         return None
-    tok = sample_fast(s.sampler, ctx.ptr, s.row, ctx.n_vocab)
+    budget = s.budget
+    forced = budget.forced() if budget is not None else None
+    if forced is None:
+        tok = sample_fast(s.sampler, ctx.ptr, s.row, ctx.n_vocab)
+    else:  # the reasoning budget is spent: its end-of-thinking tokens instead of sampling
+        tok = forced
+        s.sampler.accept(tok)
+    now = time.perf_counter()
     if not s.t_first:
-        s.t_first = time.perf_counter() - t0
+        s.t_first = now - t0
     piece, eog = s.detok.entry(tok)
     if eog and not s.ignore_eog:
         s.reason = "stop"
         return None
     s.out.append(tok)
+    s.times.append(now)
     text, hit = s.stop.push(s.detok.feed_piece(piece))
+    if budget is not None:
+        budget.accept(tok, s.detok.pending)
     if text:
         s.text.append(text)
     if hit:
@@ -109,8 +135,8 @@ def _sample(ctx: Context, s: SeqState, cancel: Cancel | None, t0: float) -> Toke
     else:
         s.pending_token = tok
     if s.parser is not None and text:
-        return TokenEvent(tok, text, s.index, s.parser.feed(text))
-    return TokenEvent(tok, text, s.index)
+        return TokenEvent(tok, text, s.index, s.parser.feed(text), None, now)
+    return TokenEvent(tok, text, s.index, (), None, now)
 
 
 def _sample_all(ctx: Context, seqs: Iterable[SeqState], cancel: Cancel | None, t0: float) -> list[TokenEvent]:
@@ -228,47 +254,63 @@ def _done(s: SeqState, perf, error: BaseException | None) -> Iterator[TokenEvent
     message = None
     deltas = s.parser.finish(tail) if s.parser is not None else ()
     if tail or deltas:
-        yield TokenEvent(None, tail, s.index, deltas)
+        yield TokenEvent(None, tail, s.index, deltas, None, time.perf_counter())
     reason = "error" if error is not None and s.reason in (None, "error") else (s.reason or "cancelled")
     if s.parser is not None:
         message = s.parser.message
         if reason == "stop" and message.tool_calls:
             reason = "tool_calls"
     yield DoneEvent(
-        finish_reason=reason, usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out)),
-        timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms),
+        finish_reason=reason, usage=Usage(max(s.n_prompt, 0), s.n_cached, len(s.out), s.n_truncated),
+        timings=Timings(s.t_first, perf.prompt_tps, perf.eval_tps, perf.t_p_eval_ms, perf.t_eval_ms,
+                        *itl_stats(s.times)),
         text="".join(s.text), tokens=s.out, index=s.index, error=error if reason == "error" else None,
         message=message)
 
 
-def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel | None) -> Iterator:
+def _steps(ctx: Context, seqs: list[SeqState], reuse_cache: bool, cancel: Cancel | None,
+           t0: float) -> Generator[TokenEvent, None, None]:
+    """Every TokenEvent of a generation: media prefill, prompt prefill, then one batch per step."""
+    batch = Batch(ctx.n_batch, 1)
+    media = [s for s in seqs if s.prompt.size == 0]
+    if media:
+        with ctx.hold():
+            events = _prefill_media(ctx, media, cancel, t0)
+        yield from events
+    todo = [s for s in seqs if s.prompt.size]
+    with ctx.hold():
+        _reuse_prefix(ctx, todo, reuse_cache)
+    yield from _prefill(ctx, batch, todo, seqs, cancel, t0)
+    yield from _decode_steps(ctx, batch, seqs, cancel, t0)
+
+
+def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel | None,
+        on_token: Callable[[TokenEvent], object] | None = None) -> Iterator:
     """Drive all sequences to completion, yielding TokenEvent and DoneEvent objects.
 
     A failure part-way (a full KV cache, a failing callback or sampler) still ends every
     sequence with its DoneEvent (``finish_reason="error"``, what was generated so far), then
-    raises the error, with ``error.done`` holding those DoneEvents.
+    raises the error, with ``error.done`` holding those DoneEvents. ``on_token`` is called
+    with each TokenEvent before it is yielded; an exception it raises is such a failure.
     """
     error: BaseException | None = None
     with ctx.lease():
         t0 = time.perf_counter()
+        steps = _steps(ctx, seqs, reuse_cache, cancel, t0)
         try:
             if cancel is not None:
                 ctx.use_abort_flag(cancel.flag)
             ctx.perf_reset()
-            batch = Batch(ctx.n_batch, 1)
-            media = [s for s in seqs if s.prompt.size == 0]
-            if media:
-                with ctx.hold():
-                    events = _prefill_media(ctx, media, cancel, t0)
-                yield from events
-            todo = [s for s in seqs if s.prompt.size]
-            with ctx.hold():
-                _reuse_prefix(ctx, todo, reuse_cache)
-            yield from _prefill(ctx, batch, todo, seqs, cancel, t0)
-            yield from _decode_steps(ctx, batch, seqs, cancel, t0)
+            if on_token is None:
+                yield from steps
+            else:
+                for ev in steps:
+                    on_token(ev)
+                    yield ev
         except Exception as e:  # llama.cpp's, or a user's sampler or callback: raised after the DoneEvents
             error = e
         finally:
+            steps.close()
             if cancel is not None and not ctx.closed:
                 ctx.restore_abort()
         if error is not None and not ctx.closed:
@@ -276,11 +318,18 @@ def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel
                 _drop_unfinished(ctx, seqs, "error")
         perf = ctx.perf() if not ctx.closed else _NO_PERF
         done: list[DoneEvent] = []
+        late: Exception | None = None  # the callback failing on the last flush: raised after the DoneEvents
         for s in seqs:
-            for ev in _done(s, perf, error):
-                if isinstance(ev, DoneEvent):
-                    done.append(ev)
-                yield ev
+            for end in _done(s, perf, error):
+                if isinstance(end, DoneEvent):
+                    done.append(end)
+                elif on_token is not None and late is None:
+                    try:
+                        on_token(end)
+                    except Exception as e:
+                        late = e
+                yield end
+    error = error or late
     if error is not None:
         try:
             error.done = done  # type: ignore[attr-defined]

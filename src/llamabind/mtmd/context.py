@@ -10,11 +10,12 @@ from .. import _params
 from .._handle import Handle
 from ..errors import (
     InvalidInputError,
+    ModelLoadError,
     ModelNotFoundError,
     MtmdError,
 )
 from ..gguf_check import check_gguf
-from ..model import Model, _Progress, load_failed
+from ..model import Model, _Progress, load_failed, sha256_file
 from ..raw import clear_errors, fail, ffi, lib
 from .bitmap import Bitmap
 from .chunks import Chunk, Chunks
@@ -34,7 +35,8 @@ class MtmdContext(Handle):
     ``mtmd_context_params`` by name. The context is closed before its model.
 
     A projector that does not fit the model (embedding width) or cannot be loaded raises
-    MtmdError; a missing file raises ModelNotFoundError.
+    MtmdError; a missing file raises ModelNotFoundError, and one whose SHA-256 is not the
+    expected ``sha256`` raises ModelLoadError, as ``Model`` does, before libmtmd reads it.
     """
 
     def __init__(self, model: Model, mmproj: str | os.PathLike, *, use_gpu: bool = True,
@@ -42,7 +44,7 @@ class MtmdContext(Handle):
                  print_timings: bool = False, warmup: bool = True, flash_attn: bool | str | None = None,
                  image_min_tokens: int | None = None, image_max_tokens: int | None = None,
                  batch_max_tokens: int | None = None, progress=None, check: bool = True,
-                 **params: Any) -> None:
+                 sha256: str | None = None, **params: Any) -> None:
         path = os.fspath(mmproj)
         if not os.path.exists(path):
             raise ModelNotFoundError(f"projector file not found: {path}")
@@ -50,6 +52,8 @@ class MtmdContext(Handle):
             raise MtmdError(f"projector is not a regular file: {path}")
         if n_threads is not None and n_threads < 1:
             raise InvalidInputError(f"n_threads must be >= 1, not {n_threads}")
+        if sha256 is not None and (actual := sha256_file(path)) != sha256.lower():
+            raise ModelLoadError(f"{path}: sha256 {actual} does not match the expected {sha256}")
         if check:
             check_gguf(path)
         mparams = lib.mtmd_context_params_default()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..context import Context
@@ -11,7 +12,7 @@ from ..errors import (
     ContextOverflowError,
     InvalidInputError,
 )
-from ..generation import Cancel, DoneEvent, Timings, TokenEvent, finish, generate_after
+from ..generation import Cancel, DoneEvent, TokenEvent, finish, generate_after
 from ..sampler import Sampler
 from .bitmap import Bitmap
 from .chunks import Chunks
@@ -184,9 +185,7 @@ def _generate(ctx: Context, chunks: Chunks, *, seq_id: int, n_batch: int, max_to
         if isinstance(ev, DoneEvent):
             t = ev.timings
             # llama.cpp's prompt counters do not see the media encoder: rate the whole evaluation
-            ev.timings = Timings(ttft_s=t.ttft_s, prompt_tps=n_prompt / t_eval if t_eval > 0 else 0.0,
-                                 generation_tps=t.generation_tps, prompt_ms=1e3 * t_eval,
-                                 generation_ms=t.generation_ms)
+            ev.timings = replace(t, prompt_tps=n_prompt / t_eval if t_eval > 0 else 0.0, prompt_ms=1e3 * t_eval)
         yield ev
 
 
