@@ -23,6 +23,7 @@ import llamabind as lb
 from llamabind import mtmd
 from llamabind.embeddings import Embedder
 from llamabind.gbnf import GrammarLimits, check_grammar
+from llamabind.generation.chatprep import uses_jinja
 from llamabind.model import sha256_file
 
 # What a client may send as a grammar (inferd-engine's limits)
@@ -51,6 +52,7 @@ class LlamaCppBackend:
         self.mctx = (mtmd.MtmdContext(self.model, mmproj, sha256=mmproj_sha256, n_threads=n_threads)
                      if mmproj else None)
         self.embedder = Embedder(self.model, pooling="mean", n_ctx=512, n_threads=n_threads)
+        self.parsed = uses_jinja(self.ctx, None)  # the model's Jinja template: its output is parsed
 
     def close(self) -> None:
         self.embedder.close()
@@ -69,12 +71,13 @@ class LlamaCppBackend:
             for ev in events:
                 if isinstance(ev, lb.DoneEvent):
                     yield Chunk(stop=STOPS[ev.finish_reason], usage=ev.usage)
-                elif not ev.deltas:
+                elif not self.parsed:
                     if ev.text:
                         yield Chunk(text=ev.text)
-                else:
+                else:  # the parsed stream: content and tool-call pieces (reasoning is not sent)
                     for d in ev.deltas:
-                        yield Chunk(text=d.content, tool_call=d.tool_call)
+                        if d.content or d.tool_call is not None:
+                            yield Chunk(text=d.content, tool_call=d.tool_call)
 
     def describe(self, prompt: str, images: Sequence[tuple[bytes, int, int]] = (),
                  audio: Sequence[np.ndarray] = (), max_tokens: int = 64) -> lb.DoneEvent:

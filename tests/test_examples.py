@@ -151,6 +151,7 @@ def test_inferd_tool_calls_stream_and_stop_with_tool_use(inferd, qwen_path):
                                      max_tokens=60, sampler=scripted(backend.model.vocab, said)))
         calls = [c.tool_call for c in chunks if c.tool_call is not None]
         assert chunks[-1].stop == "ToolUse" and calls[0].name == "get_weather"
+        assert "".join(c.text for c in chunks) == ""  # no markup leaks into the text
         assert json.loads("".join(c.arguments for c in calls)) == {"city": "Paris"}
     finally:
         backend.close()
