@@ -260,7 +260,8 @@ def test_cancel_deadline_and_close(tiny_model):
     eng.cancel(a)
     eng.cancel(queued)
     eng.cancel(12345)  # unknown: ignored
-    while eng.has_work and not any(isinstance(e, lb.DoneEvent) and e.index == c for e in events):
+    # until all four ended (on a loaded machine c's 50 ms may be up within the first two steps)
+    while eng.has_work and not {a, b, queued, c} <= {e.index for e in events if isinstance(e, lb.DoneEvent)}:
         events += eng.step()
     done, _ = _by_id(events)
     assert done[a].finish_reason == "cancelled" and 0 < len(done[a].tokens) < 400

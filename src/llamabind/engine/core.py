@@ -22,6 +22,7 @@ from ..context import Context
 from ..errors import AbortedError, BusyError, ClosedError, DecodeError, InvalidInputError, KVCacheFullError
 from ..generation.events import DoneEvent, Timings, TokenEvent, Usage
 from ..model import Model
+from .draft import DraftModel
 from .request import REQUEST_FIELDS, Request, RequestState, metrics_of, prepare
 from .slots import copy_prefix, place, shift
 from .stepper import Step
@@ -31,7 +32,8 @@ Event = TokenEvent | DoneEvent
 
 @dataclass(slots=True)
 class EngineMetrics:
-    """Totals since the engine started; ``kv_tokens`` counts each sequence's cells (shared ones once per sequence)."""
+    """Totals since the engine started; ``kv_tokens`` counts each sequence's cells (shared ones once per
+    sequence); ``draft_s`` is the time in the draft model's decodes (not part of ``decode_s``)."""
 
     steps: int
     step_s: float
@@ -42,6 +44,7 @@ class EngineMetrics:
     queued: int
     kv_tokens: int
     preempted: int
+    draft_s: float = 0.0
 
 
 class Engine:
@@ -53,10 +56,12 @@ class Engine:
     (default ``n_batch``, as llama-server packs its batches: the best throughput; a smaller
     budget such as ``n_ubatch`` bounds how long a long prompt delays the others' next token).
     At most ``max_queue`` requests wait for a slot; ``submit`` raises BusyError beyond that.
+    ``draft_model``: a model with a compatible vocabulary (InvalidInputError otherwise) that drafts
+    for requests with ``n_draft`` on a second context with the same slots (see ``draft.py``).
     """
 
     def __init__(self, ctx: Context, *, prefill_budget: int | None = None, max_queue: int = 1024,
-                 own_context: bool = False) -> None:
+                 own_context: bool = False, draft_model: Model | None = None) -> None:
         if not isinstance(ctx, Context):
             raise InvalidInputError(f"Engine needs a Context, not {type(ctx).__name__}")
         if not ctx.causal_attn or not ctx.model.has_decoder:
@@ -79,6 +84,7 @@ class Engine:
         self._closed = False
         self._stepper = Step(ctx, Batch(ctx.n_batch, 1))
         self._stepper.ready = self._ready
+        self._draft = self._stepper.model = DraftModel(ctx, draft_model) if draft_model is not None else None
         self._order: list[RequestState] = []  # running requests, in admission order
         self._full = False  # the KV cache ran out: admit nothing until a running request ends
         self._n_deadlines = 0  # requests with a deadline, queued or running
@@ -88,12 +94,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: Model, *, n_slots: int = 4, n_ctx: int = 8192, swa_full: bool = True,
-             prefill_budget: int | None = None, max_queue: int = 1024, **ctx_params: Any) -> "Engine":
+             prefill_budget: int | None = None, max_queue: int = 1024, draft_model: Model | None = None,
+             **ctx_params: Any) -> "Engine":
         """An engine over a new context of ``model`` that it owns: ``n_slots`` sequences sharing
         ``n_ctx`` cells of one unified KV cache; a sliding-window cache is kept full-size by default
-        so that shared prefixes stay usable."""
+        so that shared prefixes stay usable. ``draft_model``: see ``Engine``."""
         ctx = Context(model, n_ctx=n_ctx, n_seq_max=n_slots, kv_unified=True, swa_full=swa_full, **ctx_params)
-        return cls(ctx, prefill_budget=prefill_budget, max_queue=max_queue, own_context=True)
+        try:
+            return cls(ctx, prefill_budget=prefill_budget, max_queue=max_queue, own_context=True,
+                       draft_model=draft_model)
+        except BaseException:
+            ctx.close()
+            raise
 
     # -- any thread ----------------------------------------------------------------------------
     def submit(self, request: Request | None = None, **options: Any) -> int:
@@ -119,7 +131,7 @@ class Engine:
         try:
             if request.n_draft and (self.ctx.model.is_recurrent or self.ctx.model.is_hybrid):
                 raise InvalidInputError("speculative drafts need a memory that can drop positions (not recurrent)")
-            state = prepare(self.ctx, rid, request)
+            state = prepare(self.ctx, rid, request, self._draft is not None)
         except BaseException:
             with self._lock:
                 self._n_waiting -= 1
@@ -190,7 +202,8 @@ class Engine:
         n = max(self._n_steps, 1)
         return EngineMetrics(self._n_steps, self._t_steps, self._t_decode, self._n_decoded, self._n_decoded / n,
                              len(self._order), len(self._queue) + len(self._inbox),
-                             sum(len(self.ctx.tokens.view(i)) for i in range(self.n_slots)), self._n_preempted)
+                             sum(len(self.ctx.tokens.view(i)) for i in range(self.n_slots)), self._n_preempted,
+                             self._draft.seconds if self._draft is not None else 0.0)
 
     def close(self) -> list[Event]:
         """End every request (``cancelled``) and free the context if the engine made it."""
@@ -208,6 +221,8 @@ class Engine:
             self.ctx.release(self)
         if self._own:
             self.ctx.close()
+        if self._draft is not None:
+            self._draft.close()
         return events
 
     def __enter__(self) -> "Engine":
@@ -360,7 +375,7 @@ class Engine:
             s.text.append(tail)
         deltas = s.parser.finish(tail) if s.parser is not None else ()
         if tail or deltas:
-            events.append(TokenEvent(None, tail, s.id, deltas))
+            events.append(TokenEvent(None, tail, s.id, deltas, None, time.perf_counter()))
         message = s.parser.message if s.parser is not None else None
         if reason == "stop" and message is not None and message.tool_calls:
             reason = "tool_calls"

@@ -27,8 +27,9 @@ class Request:
     Sampling: a ``sampler`` (owned by the engine from submit on), or the usual knobs
     (``temperature`` 0 is greedy, sampled for all greedy requests at once in numpy).
     ``logprobs``/``top_logprobs``: the chosen token's log-probability and the N best, from
-    the raw logits. ``n_draft``: n-gram (prompt-lookup) speculation, up to that many tokens
-    per step. ``deadline_s``: the request ends with ``finish_reason="deadline"`` that long
+    the raw logits. ``n_draft``: speculation, up to that many draft tokens per step, from
+    ``draft``: ``"ngram"`` (prompt lookup), ``"model"`` (the engine's draft model) or ``"auto"``
+    (the draft model where the engine has one, else n-grams). ``deadline_s``: the request ends with ``finish_reason="deadline"`` that long
     after submit. ``context_shift``: when the sequence reaches the context's end, the oldest
     tokens after ``n_keep`` are shifted out (half of them) instead of ending with ``length``.
     """
@@ -52,6 +53,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     n_draft: int = 0
+    draft: str = "auto"
     deadline_s: float | None = None
     context_shift: bool = False
     n_keep: int = 0
@@ -80,13 +82,15 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "freque
 class RequestState:
     """A request's progress: its tokens, where it is in the KV cache, its text and metrics."""
 
-    __slots__ = ("id", "req", "tokens", "n_prompt", "sampler", "greedy", "detok", "stop", "parser", "slot",
-                 "n_pos", "n_cached", "hist", "out", "text", "pending", "reason", "hit", "error", "wait",
-                 "t_submit", "t_admit", "t_first", "t_prefill", "t_prefill_end", "t_tokens", "deadline",
-                 "drafter", "n_drafted", "n_accepted", "top_n", "cancelled", "n_preempted", "shifted")
+    # what every step reads first, so that it shares a few cache lines (they are cold after a decode)
+    __slots__ = ("pending", "n_pos", "reason", "hist", "greedy", "simple", "spec", "t_first", "detok", "out",
+                 "t_tokens", "text", "max_tokens", "ignore_eog", "id", "slot", "top_n",
+                 "req", "tokens", "n_prompt", "sampler", "stop", "parser", "n_cached", "hit", "error", "wait",
+                 "t_submit", "t_admit", "t_prefill", "t_prefill_end", "deadline",
+                 "drafter", "model_draft", "n_drafted", "n_accepted", "cancelled", "n_preempted", "shifted")
 
     def __init__(self, rid: int, req: Request, tokens: np.ndarray, sampler: Sampler | None, stop: list[str],
-                 render: Iterable[int], parser: ChatParser | None, ctx: Context) -> None:
+                 render: Iterable[int], parser: ChatParser | None, ctx: Context, model_draft: bool = False) -> None:
         self.id, self.req, self.tokens = rid, req, tokens
         self.n_prompt = int(tokens.size)
         self.sampler = sampler
@@ -109,19 +113,23 @@ class RequestState:
         self.t_admit = self.t_first = self.t_prefill = self.t_prefill_end = 0.0
         self.t_tokens: list[float] = []
         self.deadline = None if req.deadline_s is None else self.t_submit + req.deadline_s
-        self.drafter = NgramDrafter(tokens) if req.n_draft > 0 else None
+        self.model_draft = model_draft and req.n_draft > 0  # drafts from the engine's draft model
+        self.drafter = NgramDrafter(tokens) if req.n_draft > 0 and not self.model_draft else None
         self.n_drafted = self.n_accepted = 0
         self.top_n = req.top_logprobs if req.logprobs or req.top_logprobs else -1  # -1: no logprobs
         self.cancelled = False
         self.n_preempted = 0
         self.shifted = False  # positions were shifted: hist is no reusable prefix any more
+        self.max_tokens, self.ignore_eog = req.max_tokens, req.ignore_eog
+        self.spec = self.drafter is not None or self.model_draft  # speculates
+        self.simple = self.drafter is None and not self.stop.stops and parser is None  # a token is text, no more
 
     @property
     def prefilling(self) -> bool:
         return self.pending < 0 and self.reason is None
 
 
-def prepare(ctx: Context, rid: int, req: Request) -> RequestState:
+def prepare(ctx: Context, rid: int, req: Request, has_draft_model: bool = False) -> RequestState:
     """Check ``req`` and render it into tokens; InvalidInputError for anything it cannot run."""
     if not isinstance(req, Request):
         raise InvalidInputError(f"expected a Request, not {type(req).__name__}")
@@ -138,6 +146,10 @@ def prepare(ctx: Context, rid: int, req: Request) -> RequestState:
         raise InvalidInputError("deadline_s must be > 0")
     if req.n_draft > 16:
         raise InvalidInputError("n_draft must be at most 16")
+    if req.draft not in ("auto", "ngram", "model"):
+        raise InvalidInputError(f"draft must be 'auto', 'ngram' or 'model', not {req.draft!r}")
+    if req.draft == "model" and not has_draft_model:
+        raise InvalidInputError("draft='model' needs an engine with a draft model (Engine.load(..., draft_model=))")
     if req.sampler is not None and not isinstance(req.sampler, Sampler):
         raise InvalidInputError(f"sampler must be a Sampler, not {type(req.sampler).__name__}")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
@@ -171,7 +183,9 @@ def prepare(ctx: Context, rid: int, req: Request) -> RequestState:
                                    f"{ctx.n_ctx_seq} per sequence (leave room to generate)")
     if req.n_keep >= ctx.n_ctx_seq // 2:
         raise InvalidInputError("n_keep must leave at least half of the context to shift")
-    return RequestState(rid, req, np.ascontiguousarray(tokens, np.int32), sampler, stop, render, parser, ctx)
+    model_draft = has_draft_model and req.draft != "ngram"
+    return RequestState(rid, req, np.ascontiguousarray(tokens, np.int32), sampler, stop, render, parser, ctx,
+                        model_draft)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from ..generation.events import TokenEvent
 from ..generation.logprobs import logprob_of
 from ..raw import ffi, lib
 from ..sampler import sample_fast
+from .draft import DraftModel
 from .request import RequestState
 
 
@@ -28,31 +29,50 @@ class Step:
         self.ctx, self.batch = ctx, batch
         self.n_rows = 0
         self.plain: list[RequestState] = []
+        self.n_greedy = 0  # how many of ``plain`` are greedy
         self.drafted: list[tuple[RequestState, int, list[int]]] = []   # (request, first row, draft)
         self.prefill: list[tuple[RequestState, int, int, int]] = []    # (request, n tokens, row, output) or row -1
         self.swa = ctx.model.n_swa > 0
         self.ready: Callable[[RequestState], bool] = lambda s: True   # a waiting request's prefix is in place
+        self.model: DraftModel | None = None  # the engine's draft model, if any
+        # the batch's arrays, once (n_seq_id stays 1 everywhere: every row is in one sequence)
+        self._token, self._pos, self._seq, self._logits = batch.token, batch.pos, batch.seq_id[:, 0], batch.logits
 
     def build(self, order: list[RequestState], budget: int, at_end: Callable[[RequestState], bool],
               events: list) -> None:
         """Lay out the batch for the running requests ``order`` (admission order)."""
-        ctx, b = self.ctx, self.batch
+        ctx = self.ctx
+        token, pos, seq, logits = self._token, self._pos, self._seq, self._logits
         n_ctx = ctx.n_ctx_seq
         cap = ctx.n_batch
         plain: list[RequestState] = []
+        pre: list[RequestState] = []  # in prefill
         drafts: list[tuple[RequestState, list[int]]] = []
+        asks: list[tuple[RequestState, int]] = []  # for the draft model
         for s in order:
-            if s.pending < 0 or s.reason is not None:
+            if s.pending < 0:
+                if s.reason is None:
+                    pre.append(s)
                 continue
-            if s.n_pos + 1 > n_ctx and not at_end(s):
+            if s.reason is not None or (s.n_pos >= n_ctx and not at_end(s)):
                 continue
-            if s.drafter is not None:
-                k = min(s.req.n_draft, n_ctx - s.n_pos - 1, s.req.max_tokens - len(s.out) - 1)
-                d = s.drafter.draft(k) if k > 0 else []
+            if s.spec and (s.drafter is not None or not s.shifted):
+                k = min(s.req.n_draft, n_ctx - s.n_pos - 1, s.max_tokens - len(s.out) - 1)
+                if k > 0 and s.drafter is None:
+                    asks.append((s, k))
+                    continue
+                d = s.drafter.draft(k) if k > 0 and s.drafter is not None else []
                 if d:
                     drafts.append((s, d))
                     continue
             plain.append(s)
+        if asks:
+            got = self.model.draft(asks, {r.slot for r in order}) if self.model is not None else [[] for _ in asks]
+            for (s, _), d in zip(asks, got):
+                if d:
+                    drafts.append((s, d))
+                else:
+                    plain.append(s)
         rows = len(plain) + sum(len(d) + 1 for _, d in drafts)
         # Drafts ride only where they fit; on a sliding-window cache the whole batch must be one
         # ubatch, so that no window cell a rejected draft would need back is overwritten.
@@ -62,21 +82,19 @@ class Step:
             rows = len(plain)
         n = len(plain)
         if n:
-            b.token[:n] = [s.pending for s in plain]
-            b.pos[:n] = [s.n_pos for s in plain]
-            b.seq_id[:n, 0] = [s.slot for s in plain]
-            b.n_seq_id[:n] = 1
-            b.logits[:n] = 1
+            token[:n] = [s.pending for s in plain]
+            pos[:n] = [s.n_pos for s in plain]
+            seq[:n] = [s.slot for s in plain]
+            logits[:n] = 1
         r = n
         self.drafted = []
         for s, d in drafts:
             k = len(d) + 1
-            b.token[r] = s.pending
-            b.token[r + 1:r + k] = d
-            b.pos[r:r + k] = np.arange(s.n_pos, s.n_pos + k)
-            b.seq_id[r:r + k, 0] = s.slot
-            b.n_seq_id[r:r + k] = 1
-            b.logits[r:r + k] = 1
+            token[r] = s.pending
+            token[r + 1:r + k] = d
+            pos[r:r + k] = np.arange(s.n_pos, s.n_pos + k)
+            seq[r:r + k] = s.slot
+            logits[r:r + k] = 1
             self.drafted.append((s, r, d))
             r += k
         room = cap - r
@@ -87,22 +105,21 @@ class Step:
         out = r
         self.prefill = []
         now = 0.0
-        for s in order:
+        for s in pre:
             if room <= 0:
                 break
-            if not s.prefilling or (s.wait is not None and not self.ready(s)):
+            if s.wait is not None and not self.ready(s):
                 continue
             take = min(room, int(s.tokens.size) - s.n_pos)
             if take <= 0:
                 continue
             last = s.n_pos + take == s.tokens.size
-            b.token[r:r + take] = s.tokens[s.n_pos:s.n_pos + take]
-            b.pos[r:r + take] = np.arange(s.n_pos, s.n_pos + take)
-            b.seq_id[r:r + take, 0] = s.slot
-            b.n_seq_id[r:r + take] = 1
-            b.logits[r:r + take] = 0
+            token[r:r + take] = s.tokens[s.n_pos:s.n_pos + take]
+            pos[r:r + take] = np.arange(s.n_pos, s.n_pos + take)
+            seq[r:r + take] = s.slot
+            logits[r:r + take] = 0
             if last:
-                b.logits[r + take - 1] = 1
+                logits[r + take - 1] = 1
             if not s.t_prefill:
                 s.t_prefill = now = now or time.perf_counter()
             self.prefill.append((s, take, r + take - 1 if last else -1, out))
@@ -110,7 +127,8 @@ class Step:
             r += take
             room -= take
         self.plain = plain
-        b.n_tokens = r
+        self.n_greedy = sum(s.greedy for s in plain)
+        self.batch.n_tokens = r
         self.n_rows = r
 
     def decode(self) -> float:
@@ -128,18 +146,17 @@ class Step:
                                dtype=np.float32).reshape(n_out, nv)
         plain = self.plain
         n = len(plain)
-        if n:
-            greedy = [r for r, s in enumerate(plain) if s.greedy]
-            if len(greedy) == n:
-                toks = logits[:n].argmax(axis=1).tolist()
-            else:
-                toks = [0] * n
-                for r in greedy:
-                    toks[r] = int(logits[r].argmax())
+        if n == self.n_greedy and n:  # all greedy: one arg-max, and nothing else needs a row number
+            toks = logits[:n].argmax(axis=1).tolist()
+            for r, s, tok in zip(range(n), plain, toks):
+                s.hist.append(s.pending)
+                s.n_pos += 1
+                emit(s, tok, logprob_of(logits[r], tok, s.top_n) if s.top_n >= 0 else None, now, events)
+        elif n:
             for r, s in enumerate(plain):
                 s.hist.append(s.pending)
                 s.n_pos += 1
-                tok = toks[r] if s.greedy else self._sample(s, r)
+                tok = int(logits[r].argmax()) if s.greedy else self._sample(s, r)
                 if tok >= 0:
                     emit(s, tok, logprob_of(logits[r], tok, s.top_n) if s.top_n >= 0 else None, now, events)
         for s, r0, d in self.drafted:
@@ -200,15 +217,26 @@ def emit(s: RequestState, tok: int, lp, now: float, events: list) -> bool:
     """Add a sampled token to ``s``: text, stop strings, limits, parse; False once it ended."""
     if not s.t_first:
         s.t_first = now
-    piece, eog = s.detok.entry(tok)
-    if eog and not s.req.ignore_eog:
+    detok = s.detok
+    piece, eog = detok.entry(tok)
+    if eog and not s.ignore_eog:
         s.reason = "stop"
         return False
-    s.out.append(tok)
+    out = s.out
+    out.append(tok)
     s.t_tokens.append(now)
+    text = detok.feed_piece(piece)
+    if s.simple:  # no n-gram index, stop strings or chat parse
+        if text:
+            s.text.append(text)
+        if len(out) >= s.max_tokens:
+            s.reason = "length"
+        else:
+            s.pending = tok
+        events.append(TokenEvent(tok, text, s.id, (), lp, now))
+        return s.reason is None
     if s.drafter is not None:
         s.drafter.extend([tok])
-    text = s.detok.feed_piece(piece)
     if s.stop.stops:
         text, hit = s.stop.push(text)
         if hit:
@@ -216,7 +244,7 @@ def emit(s: RequestState, tok: int, lp, now: float, events: list) -> bool:
     if text:
         s.text.append(text)
     if s.reason is None:
-        if len(s.out) >= s.req.max_tokens:
+        if len(out) >= s.max_tokens:
             s.reason = "length"
         else:
             s.pending = tok
