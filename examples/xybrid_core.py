@@ -144,5 +144,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # this backend's own notes; llama.cpp's log stays quiet
     main()
