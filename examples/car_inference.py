@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print(backend.generate("What is the capital of Italy?", thinking=True, thinking_budget=16, max_tokens=48))
         long = "Here is a long note about cars. " * 100 + "\nWhat is the capital of France?"
         print(backend.generate(long, max_tokens=24))  # cut from the left (after the system message)
-        docs = ["Paris is the capital and largest city of France.", "Bananas are rich in potassium."]
+        docs = ["The Eiffel Tower is in Paris.", "Paris is the capital and largest city of France.",
+                "Bananas are rich in potassium."]
         print("rerank:", backend.rerank("What is the capital of France?", docs))
         q, d = backend.embed(["capital of France"], instruction="Find the passage that answers"), backend.embed(docs)
         print("embedding similarity:", np.round(d @ q[0], 3))
