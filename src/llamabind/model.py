@@ -27,6 +27,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_sha256(path: str | os.PathLike, expected: str | None) -> None:
+    """ModelLoadError unless the file's SHA-256 is ``expected`` (None: no check), before anything reads it."""
+    if expected is not None and (actual := sha256_file(path)) != expected.lower():
+        raise ModelLoadError(f"{path}: sha256 {actual} does not match the expected {expected}")
+
+
 def _check_path(path: str | os.PathLike, what: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -107,10 +113,7 @@ class Model(Handle):
                  check: bool = True, rpc_servers: Sequence[str] | None = None, rpc_timeout: float = 5.0,
                  **params: Any) -> None:
         path = _check_path(path, "model file")
-        if sha256 is not None:
-            actual = sha256_file(path)
-            if actual.lower() != sha256.lower():
-                raise ModelLoadError(f"{path}: sha256 {actual} does not match the expected {sha256}")
+        check_sha256(path, sha256)
         if check:
             check_gguf(path)
         mparams = lib.llama_model_default_params()

@@ -10,12 +10,11 @@ from .. import _params
 from .._handle import Handle
 from ..errors import (
     InvalidInputError,
-    ModelLoadError,
     ModelNotFoundError,
     MtmdError,
 )
 from ..gguf_check import check_gguf
-from ..model import Model, _Progress, load_failed, sha256_file
+from ..model import Model, _Progress, check_sha256, load_failed
 from ..raw import clear_errors, fail, ffi, lib
 from .bitmap import Bitmap
 from .chunks import Chunk, Chunks
@@ -52,8 +51,7 @@ class MtmdContext(Handle):
             raise MtmdError(f"projector is not a regular file: {path}")
         if n_threads is not None and n_threads < 1:
             raise InvalidInputError(f"n_threads must be >= 1, not {n_threads}")
-        if sha256 is not None and (actual := sha256_file(path)) != sha256.lower():
-            raise ModelLoadError(f"{path}: sha256 {actual} does not match the expected {sha256}")
+        check_sha256(path, sha256)
         if check:
             check_gguf(path)
         mparams = lib.mtmd_context_params_default()
