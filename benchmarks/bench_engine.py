@@ -4,7 +4,10 @@
     trace     a Poisson trace (prompts 64-1,500 tokens, half on a shared 500-token system prompt,
               16-256 new tokens): the engine in-process against llama-server over HTTP
     overhead  Python time per step outside llama_decode, per active request (tiny model)
-    ngram     n-gram drafts on a copying task: decode tok/s with and without, same greedy output
+    ngram     n-gram (and --draft-model) drafts on a copying task: decode tok/s with and without,
+              same greedy output
+    prefix    16 requests on one 1,000-token system prompt: prompt tokens decoded and TTFT, against
+              the same prompts made unshareable
 
 Run: ``python benchmarks/bench_engine.py static --native build/dev/bin`` (``--help`` per command).
 The model defaults to gemma3-270m from llamabind[model]; ``--json`` prints one JSON row per line.
@@ -235,6 +238,43 @@ def trace_bench(args: argparse.Namespace, model: lb.Model) -> list[dict]:
     return rows
 
 
+# -- 5. a shared system prompt ----------------------------------------------------------------------
+def prefix_run(model: lb.Model, prompts: list[list[int]], max_tokens: int, threads: int) -> dict:
+    """All requests at once on as many slots; prompt tokens really decoded, TTFT, wall time."""
+    n_ctx = sum(len(p) + max_tokens for p in prompts) + 256
+    with Engine.load(model, n_slots=len(prompts), n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads) as eng:
+        t0 = time.perf_counter()
+        ids = [eng.submit(prompt=p, max_tokens=max_tokens, ignore_eog=True) for p in prompts]
+        done = {e.index: e for e in eng.run() if isinstance(e, lb.DoneEvent)}
+        wall = time.perf_counter() - t0
+        decoded = eng.metrics().tokens_decoded
+    ds = [done[i] for i in ids]
+    ttft = [d.metrics.ttft_s for d in ds]
+    return {"prompt_tokens": sum(d.usage.prompt_tokens for d in ds),
+            "prompt_tokens_decoded": sum(d.usage.prompt_tokens - d.usage.cached_tokens for d in ds),
+            "rows_decoded": decoded, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
+            "ttft_max": max(ttft), "wall_s": wall}
+
+
+def prefix(args: argparse.Namespace, model: lb.Model) -> list[dict]:
+    """``--requests`` requests on one ``--system``-token system prompt, each with its own question,
+    against the same prompts made unshareable (each starts with a token of its own: same lengths)."""
+    rng = np.random.default_rng(5)
+    bos = [model.vocab.bos] if model.vocab.bos is not None else []
+    system = tokens(model, args.system, rng)
+    questions = [tokens(model, 24, rng) for _ in range(args.requests)]
+    shared = [bos + system + q for q in questions]
+    alone = [bos + [200 + i] + system[1:] + q for i, q in enumerate(questions)]
+    rows = []
+    for rep in range(args.reps):
+        for share in (True, False) if rep % 2 == 0 else (False, True):
+            row = {"bench": "prefix", "sharing": share, "requests": args.requests, "system_tokens": args.system,
+                   "rep": rep, **prefix_run(model, shared if share else alone, args.max_tokens, args.threads)}
+            rows.append(row)
+            emit(args, row)
+    return rows
+
+
 # -- 3. Python cost per step ------------------------------------------------------------------------
 def overhead(args: argparse.Namespace, model: lb.Model) -> list[dict]:
     rows = []
@@ -285,20 +325,31 @@ def save_config(path, data):
 
 
 def ngram(args: argparse.Namespace, model: lb.Model) -> list[dict]:
+    """Decode tok/s without drafts, with n-gram drafts and (``--draft-model``) with a draft model's,
+    in alternating order; ``same_output``: the greedy tokens of the first run without drafts."""
     prompt = ("Here is a Python module.\n\n" + SNIPPET + "\nThe same module, with the default port changed "
               "from 8080 to 9090 and nothing else changed:\n\n")
     n = len(model.vocab.tokenize(SNIPPET))
-    rows, outs = [], {}
+    drafter = lb.Model(args.draft_model) if args.draft_model else None
+    kinds = ["none", "ngram"] + (["model"] if drafter is not None else [])
+    rows: list[dict] = []
+    ref: list[int] | None = None
     for rep in range(args.reps):
-        for draft in (0, args.n_draft) if rep % 2 == 0 else (args.n_draft, 0):
-            with Engine.load(model, n_slots=1, n_ctx=2048, n_threads=args.threads) as eng:
-                rid = eng.submit(prompt=prompt, max_tokens=n, n_draft=draft)
+        for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+            k = 0 if kind == "none" else args.n_draft
+            with Engine.load(model, n_slots=1, n_ctx=2048, n_threads=args.threads,
+                             draft_model=drafter if kind == "model" else None) as eng:
+                rid = eng.submit(prompt=prompt, max_tokens=n, n_draft=k, draft="auto" if kind == "none" else kind)
                 done = [e for e in eng.run() if isinstance(e, lb.DoneEvent) and e.index == rid][0]
-            outs.setdefault(draft, done.tokens)
-            rows.append({"bench": "ngram", "n_draft": draft, "decode_tps": done.metrics.decode_tps,
+            if kind == "none" and ref is None:
+                ref = done.tokens
+            rows.append({"bench": "ngram", "draft": kind, "n_draft": k, "decode_tps": done.metrics.decode_tps,
                          "accepted": done.metrics.accepted_tokens, "drafted": done.metrics.drafted_tokens,
-                         "same_output": done.tokens == outs[0] if 0 in outs else None, "tokens": len(done.tokens)})
+                         "same_output": done.tokens == ref if ref is not None else None, "tokens": len(done.tokens),
+                         "rep": rep})
             emit(args, rows[-1])
+    if drafter is not None:
+        drafter.close()
     return rows
 
 
@@ -309,7 +360,7 @@ def emit(args: argparse.Namespace, row: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench", choices=["static", "trace", "overhead", "ngram"])
+    ap.add_argument("bench", choices=["static", "trace", "overhead", "ngram", "prefix"])
     ap.add_argument("--model", help="GGUF (default: gemma3-270m from llamabind[model])")
     ap.add_argument("--native", default=str(ROOT / "build" / "dev" / "bin"), help="directory of the native tools")
     ap.add_argument("--threads", type=int, default=2)
@@ -317,20 +368,26 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--pp", type=int, default=128)
     ap.add_argument("--tg", type=int, default=128)
-    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--requests", type=int, help="trace: 24; prefix: 16")
+    ap.add_argument("--system", type=int, default=1000, help="prefix: system prompt tokens")
+    ap.add_argument("--max-tokens", type=int, default=16, help="prefix: tokens generated per request")
     ap.add_argument("--rate", type=float, default=0.25, help="arrivals per second")
     ap.add_argument("--np", type=int, default=4, help="slots on both sides")
     ap.add_argument("--active", default="1,8,32")
     ap.add_argument("--prefill-budget", type=int, help="the engine's prompt tokens per step while others generate")
     ap.add_argument("--only", choices=["engine", "llama-server"], help="trace: run one side only")
     ap.add_argument("--n-draft", type=int, default=12)
+    ap.add_argument("--draft-model", help="ngram: also a draft model's drafts (a GGUF with a compatible vocabulary)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.requests is None:
+        args.requests = 16 if args.bench == "prefix" else 24
     if args.model is None:
         from llamabind.models import default_model_path
         args.model = str(default_model_path())
     with lb.Model(args.model) as model:
-        {"static": static, "trace": trace_bench, "overhead": overhead, "ngram": ngram}[args.bench](args, model)
+        benches = {"static": static, "trace": trace_bench, "overhead": overhead, "ngram": ngram, "prefix": prefix}
+        benches[args.bench](args, model)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,19 @@ def test_bench_cli_rows_and_report(tiny_model_path, tools_dir, tmp_path):
 
 def test_engine_benchmarks_run_against_native(tiny_model_path, tools_dir):
     """benchmarks/bench_engine.py end to end on the tiny model: static batches against
-    llama-batched-bench, a short trace against llama-server, the per-step Python cost."""
+    llama-batched-bench, a short trace against llama-server, the per-step Python cost, a shared
+    system prompt against none."""
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
     runs = {"static": ["--batches", "1,2", "--pp", "16", "--tg", "8"],
             "trace": ["--requests", "4", "--rate", "50", "--np", "2"],
-            "overhead": ["--active", "1,2"]}
+            "overhead": ["--active", "1,2"],
+            "prefix": ["--requests", "4", "--system", "64", "--max-tokens", "4"]}
     for bench, extra in runs.items():
         out = subprocess.run([sys.executable, str(script), bench, "--model", tiny_model_path, "--native", str(tools_dir),
                               "--reps", "1", "--json", *extra], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.returncode == 0, f"exit code {out.returncode}: {out.stderr[-2000:]}"
         rows = [json.loads(l) for l in out.stdout.splitlines()]
         assert rows and all(r["bench"] == bench for r in rows)
         if bench == "static":
@@ -44,5 +46,10 @@ def test_engine_benchmarks_run_against_native(tiny_model_path, tools_dir):
         elif bench == "trace":
             assert {r["impl"] for r in rows} == {"engine", "llama-server"}
             assert all(r["requests"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0 for r in rows)
+        elif bench == "prefix":
+            by = {r["sharing"]: r for r in rows}
+            assert by[True]["prompt_tokens"] == by[False]["prompt_tokens"] == 4 * (1 + 64 + 24)
+            assert by[True]["prompt_tokens_decoded"] == 1 + 64 + 4 * 24  # the system prompt once
+            assert by[False]["prompt_tokens_decoded"] >= 4 * (64 + 24)
         else:
             assert all(r["us_per_request_step"] > 0 for r in rows)
