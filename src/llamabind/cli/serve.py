@@ -28,7 +28,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond it get 503 (default: 256)")
     p.add_argument("--alias", help="the model's name in the API (default: the file name)")
     p.add_argument("--embedding-model", help="a GGUF embedding model for /v1/embeddings")
-    p.add_argument("--pooling", choices=["mean", "cls", "last"], help="the embedding model's pooling (default: its own)")
+    p.add_argument("--pooling", choices=["mean", "cls", "last"],
+                   help="the embedding model's pooling (default: its own)")
     p.set_defaults(fn=run)
     return p
 

@@ -142,7 +142,8 @@ class Server:
         raise LlamaError("the request ended without a result")
 
     @staticmethod
-    async def _stream(ans: Answer, ev: Event, events: AsyncGenerator[Event, None], include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(ans: Answer, ev: Event, events: AsyncGenerator[Event, None],
+                      include_usage: bool) -> AsyncIterator[bytes]:
         """The chunks, one write per token; ``data: [DONE]`` at the end, or the error that ended it."""
         try:
             head = b"".join(_sse(c) for c in ans.first())
