@@ -95,8 +95,10 @@ def test_tiny_model_is_offloaded_and_matches_cpu(tiny_model_path):
 
 @pytest.mark.slow
 def test_gemma_on_vulkan_against_cpu(gemma_path):
-    """gemma3-270m Q4_K_M: ggml-vulkan dequantises to f16/f32 in its own shaders, ggml-cpu multiplies
-    quantised q8_K dot products (repacked): the logits differ a little, the greedy text agrees."""
+    """gemma3-270m Q4_K_M: ggml-vulkan dequantises in its own shaders (f16/f32 accumulation), ggml-cpu
+    multiplies q8_K-quantised activations with repacked weights: the last logits differ by up to
+    ~0.9 (0.887 on lavapipe, Mesa 25.0.7, AMD EPYC), the greedy tokens agree (16 of 16). On lavapipe
+    the first run takes ~15 minutes: LLVM compiles each pipeline once (Mesa's shader cache keeps them)."""
     prompt = "The capital of France is"
     with cpu_only(gemma_path) as cpu:
         want, ref = greedy(cpu, prompt), last_logits(cpu, prompt)
@@ -106,4 +108,4 @@ def test_gemma_on_vulkan_against_cpu(gemma_path):
     print(f"max |logit difference| {diff:.3f}; greedy tokens equal for {next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))}/{len(want)}")
     assert int(ref.argmax()) == int(out.argmax())
     assert diff < 2.0
-    assert got[:4] == want[:4]
+    assert got == want
