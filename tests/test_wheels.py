@@ -113,3 +113,21 @@ def test_built_wheels_are_abi3_manylinux_and_hold_their_own_backend():
         assert f"Name: {name.replace('_', '-')}" in meta
         if "cuda" in parts:
             assert re.search(r"^Requires-Dist: nvidia-cuda-runtime==\d+\.\*$", meta, re.M), meta[:800]
+
+
+def test_vulkan_build_names_what_is_missing_and_its_package(tmp_path):
+    """No glslc on PATH and headers without vk::LayerSettingEXT (Debian 12's): the backend stops
+    before CMake, naming each piece and the Debian package that provides it."""
+    old = tmp_path / "sdk" / "include" / "vulkan"
+    old.mkdir(parents=True)
+    (old / "vulkan.hpp").write_text("")
+    (old / "vulkan_structs.hpp").write_text("struct PhysicalDeviceFeatures {};")
+    env = {k: v for k, v in os.environ.items() if k != "GLSLC"}
+    env.update(PATH=str(tmp_path), VULKAN_SDK=str(tmp_path / "sdk"))
+    code = "import sys, build_backend as b; b.build_wheel(sys.argv[1], {'accelerator': 'vulkan'})"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "accelerator vulkan needs glslc" in out.stderr and "(Debian: glslc)" in out.stderr
+    assert "lacks vk::LayerSettingEXT" in out.stderr and "trixie" in out.stderr
+    assert not (tmp_path / "out").exists()
