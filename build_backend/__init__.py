@@ -52,11 +52,13 @@ def _prepare(config_settings: dict | None, *, compile: bool, source: bool = True
     try:
         accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
         defines = accel.cmake_defines()
-        if accel.backend == "cuda":
-            cuda, major = _acc.cuda_defines(_setting(config_settings, "cuda-architectures",
-                                                     "LLAMABIND_CUDA_ARCHITECTURES"))
+        if accel.backend == "cuda":  # metadata needs only nvcc's CUDA major (for the runtime wheels)
             if compile:
+                cuda, major = _acc.cuda_defines(_setting(config_settings, "cuda-architectures",
+                                                         "LLAMABIND_CUDA_ARCHITECTURES"))
                 defines.update(cuda)
+            else:
+                major = _acc.cuda_version(_acc.require_nvcc())[0]
             accel = _acc.Accelerator(accel.backend, accel.addons, tuple(_acc.cuda_requires(major)))
         if accel.backend == "vulkan" and compile and (missing := _acc.vulkan_missing()):
             raise _acc.AcceleratorError("accelerator vulkan needs " + "; ".join(missing))

@@ -85,6 +85,14 @@ def find_nvcc() -> str | None:
     return None
 
 
+def require_nvcc() -> str:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise AcceleratorError("accelerator cuda needs nvcc, the CUDA compiler: set CUDACXX or put nvcc on PATH "
+                               "(NVIDIA's CUDA toolkit; Debian: nvidia-cuda-toolkit)")
+    return nvcc
+
+
 def cuda_version(nvcc: str) -> tuple[int, int]:
     """The CUDA version nvcc compiles for (``release 13.0`` -> (13, 0))."""
     import subprocess
@@ -119,10 +127,7 @@ def wheel_lib_dir(pattern: str, major: int, paths: list[str] | None = None) -> P
 
 def cuda_defines(architectures: str | None) -> tuple[dict[str, str], int]:
     """CMake defines for a CUDA build and the CUDA major; AcceleratorError names what is missing."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise AcceleratorError("accelerator cuda needs nvcc, the CUDA compiler: set CUDACXX or put nvcc on PATH "
-                               "(NVIDIA's CUDA toolkit; Debian: nvidia-cuda-toolkit)")
+    nvcc = require_nvcc()
     major = cuda_version(nvcc)[0]
     defines = {"CMAKE_CUDA_COMPILER": nvcc,
                "CMAKE_CUDA_ARCHITECTURES": (architectures or CUDA_ARCHITECTURES).replace(",", ";")}

@@ -131,3 +131,18 @@ def test_vulkan_build_names_what_is_missing_and_its_package(tmp_path):
     assert "accelerator vulkan needs glslc" in out.stderr and "(Debian: glslc)" in out.stderr
     assert "lacks vk::LayerSettingEXT" in out.stderr and "trixie" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_wheel_metadata_requires_nvidia_runtime_wheels(tmp_path):
+    import build_backend
+
+    info = tmp_path / "llamabind-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.4\nName: llamabind\nRequires-Dist: numpy\n\nREADME\n")
+    accel = accelerator.Accelerator("cuda", (), tuple(accelerator.cuda_requires(13)))
+    new = build_backend._rename_dist_info(tmp_path, info.name, accel)
+    assert new == "llamabind_cuda-0.1.0.dist-info"
+    head, body = (tmp_path / new / "METADATA").read_text().split("\n\n", 1)
+    assert head.splitlines() == ["Metadata-Version: 2.4", "Name: llamabind-cuda", "Requires-Dist: numpy",
+                                 "Requires-Dist: nvidia-cuda-runtime==13.*", "Requires-Dist: nvidia-cublas==13.*"]
+    assert body == "README\n"
