@@ -54,18 +54,22 @@ def progress_bar(label: str):
     return show
 
 
-def open_model(args, chat: bool = False):
-    """The model (``-m``, else the default: the chat model for ``chat``) and a context on it."""
-    import llamabind as lb
+def model_path(args, chat: bool = False) -> str:
+    """``-m``, else the default model: the chat model where the command chats."""
     from ..models import default_chat_model_path, default_model_path
 
     if args.model:
-        path = args.model
-    elif chat:
-        path = str(default_chat_model_path())
-    else:
-        path = str(default_model_path(lambda msg: print(msg, file=sys.stderr)))
-    model = lb.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading"))
+        return args.model
+    if chat:
+        return str(default_chat_model_path())
+    return str(default_model_path(lambda msg: print(msg, file=sys.stderr)))
+
+
+def open_model(args, chat: bool = False):
+    """The model (``-m``, else the default: the chat model for ``chat``) and a context on it."""
+    import llamabind as lb
+
+    model = lb.Model(model_path(args, chat), n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading"))
     ctx = lb.Context(model, n_ctx=args.ctx_size, n_threads=args.threads)
     return model, ctx
 

