@@ -67,8 +67,11 @@ def test_one_request_equals_generate_exactly(tiny_model):
         ctx.memory.clear()
         eng = Engine(ctx, prefill_budget=64)
         rid = eng.submit(prompt=prompt, max_tokens=40, ignore_eog=True)
-        done, toks = _by_id(eng.run())
+        events = eng.run()
+        done, toks = _by_id(events)
         assert done[rid].tokens == toks[rid] == want
+        times = [e.time for e in events if isinstance(e, lb.TokenEvent)]  # sampling times, the flush's too
+        assert times and times[0] > 0 and times == sorted(times)
         assert done[rid].finish_reason == "length" and done[rid].usage.prompt_tokens == prompt.size
         m = done[rid].metrics
         assert m.ttft_s > 0 and m.decode_tps > 0 and m.itl_p95_s >= m.itl_p50_s > 0
