@@ -8,7 +8,7 @@ import asyncio
 import queue
 import threading
 from collections import defaultdict
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncGenerator, Callable, Iterator
 
 from ..errors import ClosedError, LlamaError
 from ..generation.events import DoneEvent
@@ -156,7 +156,9 @@ class AsyncEngine:
         self.engine = engine
         self._driver = _Driver(engine)
 
-    async def stream(self, **options: Any) -> AsyncIterator[Event]:
+    async def stream(self, **options: Any) -> AsyncGenerator[Event, None]:
+        """The request's events. It is checked and rendered (a chat template takes milliseconds)
+        on a worker thread, so the event loop goes on serving others meanwhile."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[list[Event]] = asyncio.Queue()
 
@@ -166,7 +168,16 @@ class AsyncEngine:
             except RuntimeError:  # the loop is gone: nobody listens any more
                 pass
 
-        rid = self._driver.submit(sink, options)
+        submitted = loop.run_in_executor(None, self._driver.submit, sink, options)
+        try:
+            rid = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # cancelled while it rendered: cancel the request once it is queued
+            def cancel_late(f: "asyncio.Future[int]") -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.engine.cancel(f.result())
+
+            submitted.add_done_callback(cancel_late)
+            raise
         done = False
         try:
             while not done:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar, cast
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -123,7 +123,7 @@ class Server:
     async def answer(self, request: HTTPRequest, kind: str, call: Call) -> Response:
         ans = Answer(kind, self.name, self.pieces, call.top_logprobs, kind == "chat" and not self.jinja)
         # an async generator (annotated as an iterator): closing it cancels the request
-        events = cast(AsyncGenerator[Event, None], self.engine.stream(**call.options))
+        events = self.engine.stream(**call.options)
         if not call.stream:
             done = await _unless_gone(request, self._collect(events, ans))
             return JSONResponse(ans.response(done))
