@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -256,14 +257,14 @@ def test_a_failing_sampler_ends_only_its_request(tiny_model):
 def test_cancel_deadline_and_close(tiny_model):
     eng = Engine.load(tiny_model, n_slots=2, n_ctx=512, n_threads=2)
     a = eng.submit(prompt="hello", max_tokens=400, ignore_eog=True)
-    b = eng.submit(prompt="world", max_tokens=5, ignore_eog=True)
-    queued = eng.submit(prompt="the", max_tokens=5, ignore_eog=True)  # no slot yet
-    c = eng.submit(prompt="hello world", max_tokens=400, ignore_eog=True, deadline_s=0.05)
-    events = eng.step() + eng.step()
+    c = eng.submit(prompt="hello world", max_tokens=400, ignore_eog=True, deadline_s=0.3)
+    b = eng.submit(prompt="world", max_tokens=5, ignore_eog=True)  # waits for a slot
+    queued = eng.submit(prompt="the", max_tokens=5, ignore_eog=True)  # waits too
+    events = eng.step() + eng.step()  # a and c run
     eng.cancel(a)
     eng.cancel(queued)
     eng.cancel(12345)  # unknown: ignored
-    # until all four ended (on a loaded machine c's 50 ms may be up within the first two steps)
+    time.sleep(0.3)  # c's deadline has passed, however fast or slow the steps were
     while eng.has_work and not {a, b, queued, c} <= {e.index for e in events if isinstance(e, lb.DoneEvent)}:
         events += eng.step()
     done, _ = _by_id(events)

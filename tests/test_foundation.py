@@ -268,9 +268,10 @@ def test_package_ships_type_information():
 
 
 def test_installed_wheel_is_abi3():
-    from importlib.metadata import distribution
+    from importlib.metadata import distribution, packages_distributions
 
-    tags = [l.split(":", 1)[1].strip() for l in distribution("llamabind").read_text("WHEEL").splitlines()
+    (dist,) = packages_distributions()["llamabind"]  # llamabind, llamabind-rpc, llamabind-cuda, ...
+    tags = [l.split(":", 1)[1].strip() for l in distribution(dist).read_text("WHEEL").splitlines()
             if l.startswith("Tag:")]
     assert tags and all("-abi3-" in t and t.startswith("cp310-") for t in tags), tags
 
