@@ -33,7 +33,7 @@ def _greedy_within(model: lb.Model, prompt: np.ndarray, out: list[int], tol: flo
             assert row[tok] >= row.max() - tol, (k, tok, int(row.argmax()), float(row.max() - row[tok]))
 
 
-def _same_or_near_tie(model: lb.Model, prompt: np.ndarray, a: list[int], b: list[int]) -> None:
+def _same_or_near_tie(model: lb.Model, prompt: np.ndarray, a: list[int], b: list[int], tol: float = 1.1) -> None:
     """``a`` and ``b`` are equal, or first differ where a recomputation finds both choices
     within batch-shape noise of each other."""
     if a == b:
@@ -46,7 +46,7 @@ def _same_or_near_tie(model: lb.Model, prompt: np.ndarray, a: list[int], b: list
         b_.add(seq, 0, 0, logits="last")
         ref.decode(b_)
         row = ref.logits(-1)
-    assert abs(float(row[a[k]] - row[b[k]])) < 1.1 and min(row[a[k]], row[b[k]]) >= row.max() - 1.1, k
+    assert abs(float(row[a[k]] - row[b[k]])) < tol and min(row[a[k]], row[b[k]]) >= row.max() - tol, k
 
 
 def _by_id(events: list) -> tuple[dict[int, lb.DoneEvent], dict[int, list[int]]]:
