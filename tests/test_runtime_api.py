@@ -260,3 +260,16 @@ def test_prefix_reuse_is_refused_for_a_recurrent_model_and_said_why(tmp_path, ti
         first = lb.complete(c, "hello world hello", max_tokens=4, ignore_eog=True)
         again = lb.complete(c, "hello world hello world", max_tokens=4, ignore_eog=True)
         assert first.usage.completion_tokens == 4 and again.usage.cached_tokens == 0
+
+
+def test_wrong_kinds_of_new_arguments_are_invalid_input(tiny_model):
+    """A callback that is not callable, limits that are not GrammarLimits: InvalidInputError, not a
+    TypeError from deep inside; the context stays usable."""
+    from llamabind import gbnf
+
+    with lb.Context(tiny_model, n_ctx=256) as ctx:
+        with pytest.raises(lb.InvalidInputError, match="on_token"):
+            lb.complete(ctx, "hi", max_tokens=2, on_token=5)
+        with pytest.raises(lb.InvalidInputError, match="GrammarLimits"):
+            gbnf.check_grammar('root ::= "a"', "x")  # type: ignore[arg-type]
+        assert lb.complete(ctx, "hi", max_tokens=2, ignore_eog=True).finish_reason == "length"

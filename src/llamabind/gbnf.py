@@ -75,6 +75,8 @@ def grammar_stats(grammar: str) -> GrammarStats:
 
 def check_grammar(grammar: str, limits: GrammarLimits | None = None) -> GrammarStats:
     """The grammar's stats, or InvalidInputError if it passes one of ``limits`` (nesting always bounded)."""
+    if limits is not None and not isinstance(limits, GrammarLimits):
+        raise InvalidInputError(f"limits must be a GrammarLimits, not {type(limits).__name__}")
     lim = limits or GrammarLimits()
     if lim.max_bytes is not None and isinstance(grammar, str) and len(grammar) > lim.max_bytes:
         raise InvalidInputError(f"grammar has at least {len(grammar)} bytes, more than the {lim.max_bytes} allowed")

@@ -132,6 +132,8 @@ def generate(ctx: Context, prompt: Prompt | None = None, *, messages: Messages |
                                                     generation_prompt_tokens(ctx, setup.prompt))
     seq.ignore_eog = ignore_eog
     seq.n_truncated = n_cut
+    if on_token is not None and not callable(on_token):
+        raise InvalidInputError(f"on_token must be callable, not {type(on_token).__name__}")
     return run(ctx, [seq], reuse_cache=reuse_cache, cancel=cancel, on_token=on_token)
 
 
