@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Generator, Iterable, Iterator
 
-from ..model import Model
-
 import numpy as np
 
 from ..batch import Batch
 from ..chat import ChatParser
 from ..context import Context, PerfData
 from ..errors import AbortedError, InvalidInputError
+from ..model import Model
 from ..raw import clear_errors, ffi, lib
 from ..sampler import Sampler, sample_fast
 from .budget import ReasoningBudget
