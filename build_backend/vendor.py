@@ -5,8 +5,10 @@ registry, its SHA-256 and the subtrees the build needs. The archive is fetched
 from the package index with the standard library (``fetch.py``: the user's pip
 configuration applies), verified, and only the listed subtrees are extracted,
 first into a temporary directory that is renamed into place once complete, so
-a failed or refused fetch never leaves a half-extracted tree behind. A lock
-file serialises builds that run at once in the same tree.
+a failed or refused fetch never leaves a half-extracted tree behind. The pin's
+``patches`` (llamabind's own changes, ``vendor/patches/``) are applied to that
+temporary tree (``patch.py``). A lock file serialises builds that run at once
+in the same tree.
 
 Usage: ``python build_backend/vendor.py [--archive FILE] [--force]``
 """
@@ -28,9 +30,10 @@ from pathlib import Path
 from typing import Iterator
 
 try:
-    from . import fetch
+    from . import fetch, patch
 except ImportError:  # run as a script: python build_backend/vendor.py
     import fetch  # type: ignore[no-redef]
+    import patch  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = ROOT / "vendor" / "pin.json"
@@ -137,6 +140,11 @@ def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
         missing = [s for s in pin["subtrees"] if not (tmp / s).exists()]
         if missing:
             raise VendorError(f"pinned archive lacks subtrees: {', '.join(missing)}")
+        for name, text in _patches(pin):
+            try:
+                patch.apply(tmp, text)
+            except patch.PatchError as e:
+                raise VendorError(f"{name}: {e}") from None
         (tmp / STAMP).write_text(_stamp(pin))
         if dest.exists():  # move the stale tree aside first, so dest is never half there
             old = Path(tempfile.mkdtemp(prefix=".llama.cpp-old-", dir=dest.parent))
@@ -149,9 +157,16 @@ def extract(archive: Path, pin: dict, dest: Path = DEST) -> Path:
     return dest
 
 
+def _patches(pin: dict) -> list[tuple[str, str]]:
+    """The pin's patches (paths relative to ``vendor/``) as (name, text), in the pin's order."""
+    return [(name, (PIN_FILE.parent / name).read_text(encoding="utf-8")) for name in pin.get("patches", [])]
+
+
 def _stamp(pin: dict) -> str:
-    """What the extracted tree records: the archive's hash and the subtrees taken from it."""
-    return pin["sha256"] + "\n" + "\n".join(sorted(pin["subtrees"])) + "\n"
+    """What the extracted tree records: the archive's hash, the subtrees taken from it and the
+    hash of each patch applied (a changed patch makes the tree stale)."""
+    applied = [f"{name} {hashlib.sha256(text.encode()).hexdigest()}" for name, text in _patches(pin)]
+    return pin["sha256"] + "\n" + "\n".join(sorted(pin["subtrees"]) + applied) + "\n"
 
 
 def is_current(pin: dict, dest: Path = DEST) -> bool:

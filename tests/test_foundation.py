@@ -246,7 +246,7 @@ def test_extract_takes_only_pinned_subtrees(tmp_path):
     archive = tmp_path / "src.tar.gz"
     _fake_archive(archive, pin["root"], {"CMakeLists.txt": b"cmake", "src/a.c": b"int a;",
                                          "docs/big.md": b"no", "../evil": b"no"})
-    pin.update(sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), subtrees=["CMakeLists.txt", "src"])
+    pin.update(sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), subtrees=["CMakeLists.txt", "src"], patches=[])
     dest = vendor.extract(archive, pin, tmp_path / "llama.cpp")
     assert (dest / "src" / "a.c").read_bytes() == b"int a;"
     assert not (dest / "docs").exists()

@@ -20,6 +20,7 @@ from .errors import (
     ModelLoadError,
     ModelNotFoundError,
     MtmdError,
+    RpcServerLostError,
 )
 from .system import __version__, system_info
 from .model import LoraAdapter, Model
@@ -52,5 +53,5 @@ __all__ = [
     "TokenLogprob", "Engine", "EngineThread", "AsyncEngine", "Request",
     "AbortedError", "BusyError", "ClosedError", "ContextOverflowError", "DecodeError",
     "InputNotFoundError", "InvalidInputError", "KVCacheFullError", "LlamaError", "ModelLoadError",
-    "ModelNotFoundError", "MtmdError",
+    "ModelNotFoundError", "MtmdError", "RpcServerLostError",
 ]

@@ -116,6 +116,8 @@ class Context(ContextState, Leases, Handle):
         cparams.abort_callback = ffi.addressof(lib, "_llamabind_flag_abort")
         cparams.abort_callback_data = self._abort_flag
         with model.hold():
+            if model._rpc is not None:
+                model._rpc.check()
             clear_errors()
             ptr = lib.llama_init_from_model(model.ptr, cparams)
             if ptr == ffi.NULL:
@@ -300,12 +302,16 @@ class Context(ContextState, Leases, Handle):
         s = batch.struct()
         with self._lock:
             ptr = self.ptr
+            if self.model._rpc is not None:
+                self.check_remote()
             self._abort_flag[0] = 0
             self._computing = threading.get_ident()
             try:
                 rc = fn(ptr, s)
             finally:
                 self._computing = None
+            if self.model._rpc is not None:
+                self.check_remote()
             if all_outputs and rc == 0:
                 self._out_rows, self._n_outputs = None, batch.n_tokens
             else:
@@ -317,6 +323,19 @@ class Context(ContextState, Leases, Handle):
                     clear_errors()
                     raise error
                 check_decode(rc, what)
+
+    def check_remote(self) -> None:
+        """RpcServerLostError if an RPC server of the model was lost; the outputs of the last
+        decode are then dropped (what a lost server returned is not the model's)."""
+        rpc = self.model._rpc
+        if rpc is None:
+            return
+        try:
+            rpc.check()
+        except LlamaError:
+            self._out_rows, self._n_outputs = np.empty(0, np.intp), 0
+            clear_errors()
+            raise
 
     def synchronize(self) -> None:
         with self.hold():

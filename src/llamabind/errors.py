@@ -11,6 +11,7 @@
     │   ├── KVCacheFullError       no room in the KV cache for the batch (code 1)
     │   └── AbortedError           stopped by the abort callback (code 2)
     ├── BusyError              a context already driven by another generation or thread
+    ├── RpcServerLostError     an RPC server a model is loaded on died (also a ConnectionError)
     └── MtmdError              libmtmd failed (tokenize, encode, load a projector)
 """
 
@@ -63,6 +64,15 @@ class AbortedError(DecodeError):
 
 class BusyError(LlamaError):
     """The context is already being driven by another generation."""
+
+
+class RpcServerLostError(LlamaError, ConnectionError):
+    """An RPC server that holds part of a model stopped answering: the model (and its contexts)
+    can no longer compute; close them and load the model again. ``endpoints`` names the servers."""
+
+    def __init__(self, message: str, endpoints: list[str]) -> None:
+        super().__init__(message)
+        self.endpoints = endpoints
 
 
 class MtmdError(LlamaError):

@@ -3,8 +3,9 @@
 ``Model(path, rpc_servers=["host:port", ...], n_gpu_layers=-1)`` offloads layers to them (as
 llama.cpp's ``--rpc``). ggml-rpc aborts the process on an endpoint it cannot reach and waits
 forever on one that never answers, so every endpoint is checked here first: a TCP connection
-and the RPC hello, each within ``timeout`` seconds. A server that dies while a computation is
-in flight still aborts the process inside ggml-rpc (``RPC_STATUS_ASSERT``); see the README.
+and the RPC hello, each within ``timeout`` seconds. A server lost later (it dies, or its host
+vanishes: TCP keepalive) no longer aborts the process (``vendor/patches/ggml-rpc-lost-server.patch``):
+the decode that meets it, and every later one, raises RpcServerLostError.
 
 ``llamabind-rpc-server`` (``serve``) runs the ``ggml-rpc-server`` shipped in ``+rpc`` builds.
 """
@@ -20,7 +21,7 @@ from collections import Counter
 from typing import Any, NoReturn, Sequence
 
 from ._handle import Handle
-from .errors import InvalidInputError, ModelLoadError
+from .errors import InvalidInputError, ModelLoadError, RpcServerLostError
 from .raw import ffi, lib
 
 # ggml-rpc.h: the protocol this build speaks (tests/test_rpc.py checks them against the header).
@@ -84,10 +85,31 @@ def check_endpoint(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     return major, minor, patch
 
 
+_lost_fn: list[Any] = []  # ggml_backend_rpc_server_lost, looked up once
+
+
+def server_lost(endpoint: str) -> bool:
+    """Whether ggml-rpc lost the server at ``endpoint`` while this process was connected to it."""
+    if not _lost_fn:
+        reg = lib.ggml_backend_reg_by_name(b"RPC")
+        fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_server_lost") if reg != ffi.NULL else ffi.NULL
+        if fn == ffi.NULL:
+            raise ModelLoadError("ggml's RPC backend lacks ggml_backend_rpc_server_lost (an unpatched llama.cpp)")
+        _lost_fn.append(ffi.cast("bool (*)(const char *)", fn))
+    return bool(_lost_fn[0](endpoint.encode()))
+
+
 class RpcDevices(Handle):
     """The RPC devices a model was loaded with; holds their endpoints as in use while the model lives."""
 
     __slots__ = ("endpoints", "array")
+
+    def check(self) -> None:
+        """Raise RpcServerLostError if a server of this model was lost (a C call per endpoint)."""
+        lost = [e for e in self.endpoints if server_lost(e)]
+        if lost:
+            raise RpcServerLostError(f"RPC server {', '.join(lost)} was lost (it died, or its host stopped "
+                                     f"answering): close this model and its contexts, and load it again", lost)
 
     def __init__(self, endpoints: list[str], devices: list[Any]) -> None:
         self.endpoints = endpoints
@@ -145,6 +167,9 @@ def devices(endpoints: Sequence[str], timeout: float = 5.0) -> RpcDevices:
     for endpoint in endpoints:
         with _lock:
             ours = _in_use[endpoint] > 0
+        if ours and server_lost(endpoint):
+            raise ModelLoadError(f"RPC server {endpoint} was lost while a model of this process was loaded on "
+                                 f"it: close that model and its contexts first")
         if not ours:  # a connection this process holds keeps the single-client server busy
             check_endpoint(endpoint, timeout)
         reg = _add_server(endpoint)

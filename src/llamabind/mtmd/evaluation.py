@@ -76,6 +76,7 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
         finally:
             if cancel is not None:
                 ctx.restore_abort()
+        ctx.check_remote()
     if rc != 0:
         why = reason("")
         ctx.memory.seq_rm(seq_id, n_past, -1)  # drop whatever the failed evaluation wrote
