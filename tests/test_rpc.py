@@ -346,6 +346,29 @@ def test_restarted_server_serves_a_new_model(tiny_model_path):
         stop(again)
 
 
+def test_engine_ends_its_requests_when_a_server_is_lost(tiny_model_path):
+    """Continuous batching over an RPC model: the server's loss ends every running request with
+    RpcServerLostError (the tokens so far kept), as a failed decode does; later requests end so too."""
+    _need_rpc()
+    proc, endpoint = start_server()
+    try:
+        with lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1) as model:
+            with lb.EngineThread(lb.Engine.load(model, n_slots=2, n_ctx=1024, n_threads=1)) as et:
+                streams = [et.generate(prompt=f"hello {i}", max_tokens=5000, ignore_eog=True) for i in range(2)]
+                for stream in streams:
+                    next(stream)
+                stop(proc)
+                done = [[ev for ev in stream if isinstance(ev, lb.DoneEvent)][-1] for stream in streams]
+                for d in done:
+                    assert d.finish_reason == "error" and isinstance(d.error, lb.RpcServerLostError), d
+                    assert 0 < len(d.tokens) < 5000
+                later = et.complete(prompt="again", max_tokens=2)  # the engine lives; the model cannot compute
+                assert later.finish_reason == "error" and isinstance(later.error, lb.RpcServerLostError)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
 def test_builds_without_rpc_say_so(tiny_model_path):
     if rpc.supported():
         pytest.skip(f"accelerator {_build_info.ACCELERATOR} has the RPC backend")

@@ -325,17 +325,12 @@ class Context(ContextState, Leases, Handle):
                 check_decode(rc, what)
 
     def check_remote(self) -> None:
-        """RpcServerLostError if an RPC server of the model was lost; the outputs of the last
-        decode are then dropped (what a lost server returned is not the model's)."""
+        """RpcServerLostError if an RPC server of the model was lost (the last outputs are dropped)."""
         rpc = self.model._rpc
-        if rpc is None:
-            return
-        try:
-            rpc.check()
-        except LlamaError:
+        if rpc is not None and rpc.lost():
             self._out_rows, self._n_outputs = np.empty(0, np.intp), 0
             clear_errors()
-            raise
+            rpc.check()
 
     def synchronize(self) -> None:
         with self.hold():

@@ -104,9 +104,13 @@ class RpcDevices(Handle):
 
     __slots__ = ("endpoints", "array")
 
+    def lost(self) -> list[str]:
+        """The endpoints of this model whose server was lost (a C call each)."""
+        return [e for e in self.endpoints if server_lost(e)]
+
     def check(self) -> None:
-        """Raise RpcServerLostError if a server of this model was lost (a C call per endpoint)."""
-        lost = [e for e in self.endpoints if server_lost(e)]
+        """Raise RpcServerLostError if a server of this model was lost."""
+        lost = self.lost()
         if lost:
             raise RpcServerLostError(f"RPC server {', '.join(lost)} was lost (it died, or its host stopped "
                                      f"answering): close this model and its contexts, and load it again", lost)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..batch import Batch
 from ..context import Context
-from ..errors import AbortedError, BusyError, ClosedError, DecodeError, InvalidInputError, KVCacheFullError
+from ..errors import (AbortedError, BusyError, ClosedError, DecodeError, InvalidInputError, KVCacheFullError,
+                      RpcServerLostError)
 from ..generation.events import DoneEvent, Timings, TokenEvent, Usage
 from ..model import Model
 from .draft import DraftModel
@@ -177,7 +178,7 @@ class Engine:
                     if not self._make_room(e, events):
                         break
                     continue
-                except (AbortedError, DecodeError) as e:
+                except (AbortedError, DecodeError, RpcServerLostError) as e:
                     for s in list(self._order):
                         s.error = e if not isinstance(e, AbortedError) else None
                         self._end(s, "cancelled" if isinstance(e, AbortedError) else "error", events, drop=True)
