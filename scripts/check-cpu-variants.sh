@@ -5,8 +5,8 @@
 #   bash scripts/check-cpu-variants.sh WHEEL|DIR    (apt-get install qemu-user; qemu >= 7.2 for AVX/AVX2)
 #   VENV=/tmp/variants-venv CPUS="qemu64 Nehalem ..." MODEL=x.gguf PROMPT="hello world"
 # qemu's TCG has no AVX-512, so the skylakex..zen4 variants are proved only by the native run (Cascadelake-Server
-# runs with AVX-512 masked: haswell). numpy is held below 2.4 (2.4 needs x86-64-v2, so qemu64 could not even import it); OpenBLAS is told
-# OPENBLAS_CORETYPE=Prescott because under qemu-user it picks its Haswell kernels whatever the CPU model.
+# runs with AVX-512 masked: haswell). numpy is held below 2.4 (2.4 needs x86-64-v2: qemu64 could not import it);
+# OPENBLAS_CORETYPE=Prescott, because under qemu-user numpy's OpenBLAS picks Haswell kernels whatever the CPU model.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WHL=${1:?usage: check-cpu-variants.sh WHEEL|DIR}
