@@ -12,6 +12,7 @@ the decode that meets it, and every later one, raises RpcServerLostError.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -85,24 +86,32 @@ def check_endpoint(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-_lost_fn: list[Any] = []  # ggml_backend_rpc_server_lost, looked up once
+@functools.cache
+def _server_lost_fn() -> Any:
+    """ggml_backend_rpc_server_lost (added by llamabind's patch), from the RPC backend's proc table."""
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_server_lost") if reg != ffi.NULL else ffi.NULL
+    if fn == ffi.NULL:
+        raise ModelLoadError("ggml's RPC backend lacks ggml_backend_rpc_server_lost (an unpatched llama.cpp)")
+    return ffi.cast("bool (*)(const char *)", fn)
 
 
 def server_lost(endpoint: str) -> bool:
     """Whether ggml-rpc lost the server at ``endpoint`` while this process was connected to it."""
-    if not _lost_fn:
-        reg = lib.ggml_backend_reg_by_name(b"RPC")
-        fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_server_lost") if reg != ffi.NULL else ffi.NULL
-        if fn == ffi.NULL:
-            raise ModelLoadError("ggml's RPC backend lacks ggml_backend_rpc_server_lost (an unpatched llama.cpp)")
-        _lost_fn.append(ffi.cast("bool (*)(const char *)", fn))
-    return bool(_lost_fn[0](endpoint.encode()))
+    return bool(_server_lost_fn()(endpoint.encode()))
 
 
 class RpcDevices(Handle):
     """The RPC devices a model was loaded with; holds their endpoints as in use while the model lives."""
 
     __slots__ = ("endpoints", "array")
+
+    def __init__(self, endpoints: list[str], devices: list[Any]) -> None:
+        self.endpoints = endpoints
+        self.array = ffi.new("ggml_backend_dev_t[]", [*devices, ffi.NULL])  # NULL-terminated
+        with _lock:
+            _in_use.update(endpoints)
+        super().__init__(self.array, _release_endpoints_of(endpoints))
 
     def lost(self) -> list[str]:
         """The endpoints of this model whose server was lost (a C call each)."""
@@ -114,13 +123,6 @@ class RpcDevices(Handle):
         if lost:
             raise RpcServerLostError(f"RPC server {', '.join(lost)} was lost (it died, or its host stopped "
                                      f"answering): close this model and its contexts, and load it again", lost)
-
-    def __init__(self, endpoints: list[str], devices: list[Any]) -> None:
-        self.endpoints = endpoints
-        self.array = ffi.new("ggml_backend_dev_t[]", [*devices, ffi.NULL])  # NULL-terminated
-        with _lock:
-            _in_use.update(endpoints)
-        super().__init__(self.array, _release_endpoints_of(endpoints))
 
 
 def _release_endpoints_of(endpoints: list[str]):
