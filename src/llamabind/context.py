@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from .raw import check_decode, clear_errors, fail, ffi, lib
 from .errors import BusyError, ClosedError, InvalidInputError, LlamaError, ModelLoadError
 from .memory import CachedTokens, Memory
 from .state import ContextState
+from ._abort import Aborts, AbortHook
 from ._lease import Leases
 from .model import LoraAdapter, Model
 
@@ -40,29 +41,6 @@ class PerfData:
         return 1e3 * self.n_eval / self.t_eval_ms if self.t_eval_ms > 0 else 0.0
 
 
-class _AbortHook:
-    """A Python abort callback, called by llama.cpp between graph nodes; True aborts.
-
-    An exception it raises aborts the decode and is raised to the caller of decode.
-    """
-
-    __slots__ = ("fn", "error")
-
-    def __init__(self, fn: Callable[[], bool]) -> None:
-        self.fn = fn
-        self.error: BaseException | None = None
-
-
-@ffi.def_extern()
-def _llamabind_abort(data) -> bool:
-    hook: _AbortHook = ffi.from_handle(data)
-    try:
-        return bool(hook.fn())
-    except BaseException as e:
-        hook.error = e
-        return True
-
-
 _ALIASES = {"pooling": "pooling_type", "flash_attn": "flash_attn_type", "attention": "attention_type"}
 
 
@@ -78,7 +56,7 @@ def _check_shape(p) -> None:
                                 f"of n_seq_max ({p.n_seq_max})")
 
 
-class Context(ContextState, Leases, Handle):
+class Context(ContextState, Leases, Aborts, Handle):
     """A llama.cpp context over a model: the KV cache, the compute buffers and the outputs.
 
     Keyword arguments set ``llama_context_params`` fields by name; enums take short names
@@ -129,7 +107,7 @@ class Context(ContextState, Leases, Handle):
         self._computing: int | None = None  # thread inside llama.cpp on this context
         self._lease: int | None = None      # thread whose generation holds the context
         self._lease_owner: object = None    # the engine that claimed it (None: a generation's lease)
-        self._abort_hook: _AbortHook | None = None
+        self._abort_hook: AbortHook | None = None
         self._abort_handle: Any = None
         self._loras: list[tuple[LoraAdapter, float]] = []
         self._n_outputs = 0
@@ -231,34 +209,6 @@ class Context(ContextState, Leases, Handle):
         """An adapter in use is being closed: take it out of this context first."""
         if self._ptr is not None:
             self.set_loras({a: s for a, s in self._loras if a is not adapter})
-
-    # -- abort -------------------------------------------------------------------------------
-    def set_abort_callback(self, fn: Callable[[], bool] | None) -> None:
-        """Call ``fn()`` during computation; True aborts the decode (AbortedError), and an exception
-        it raises is raised from the decode. None restores the default (``abort()``)."""
-        with self.hold():
-            self._abort_hook = None if fn is None else _AbortHook(fn)
-            self._abort_handle = None if fn is None else ffi.new_handle(self._abort_hook)
-            self.restore_abort()
-
-    def restore_abort(self) -> None:
-        """Point llama.cpp's abort callback back at this context's own (after ``use_abort_flag``)."""
-        if self._abort_hook is not None:
-            lib.llama_set_abort_callback(self.ptr, lib._llamabind_abort, self._abort_handle)
-        else:
-            lib.llama_set_abort_callback(self.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), self._abort_flag)
-
-    def use_abort_flag(self, flag: Any) -> None:
-        """Abort decodes when the C int ``flag`` (a ``Cancel``'s) becomes non-zero, until ``restore_abort``."""
-        lib.llama_set_abort_callback(self.ptr, ffi.addressof(lib, "_llamabind_flag_abort"), flag)
-
-    def abort(self) -> None:
-        """Stop the decode running now (from any thread); the next decode runs normally."""
-        self._abort_flag[0] = 1
-
-    def abort_flag_clear(self) -> None:
-        """Clear ``abort()``'s flag before a decode made outside ``decode`` (libmtmd)."""
-        self._abort_flag[0] = 0
 
     # -- compute -----------------------------------------------------------------------------
     def _check_batch(self, batch: Batch, encode: bool = False) -> None:
