@@ -137,6 +137,9 @@ def test_malformed_endpoints_are_invalid_input(tiny_model_path, bad):
 
 def test_endpoint_list_is_checked(tiny_model_path):
     _need_rpc()
+    for bad in (None, 50052, "localhost"):
+        with pytest.raises(lb.InvalidInputError):
+            rpc.server_lost(bad)
     for bad in ([], "127.0.0.1:50052", ["127.0.0.1:50052", "127.0.0.1:50052"]):
         with pytest.raises(lb.InvalidInputError):
             lb.Model(tiny_model_path, rpc_servers=bad, n_gpu_layers=-1)
@@ -374,6 +377,8 @@ def test_builds_without_rpc_say_so(tiny_model_path):
         pytest.skip(f"accelerator {_build_info.ACCELERATOR} has the RPC backend")
     with pytest.raises(lb.ModelLoadError, match="no RPC backend"):
         lb.Model(tiny_model_path, rpc_servers=["127.0.0.1:50052"], n_gpu_layers=-1)
+    with pytest.raises(lb.ModelLoadError, match="no RPC backend"):
+        rpc.server_lost("127.0.0.1:50052")
     out = subprocess.run([sys.executable, "-c", "from llamabind import rpc; rpc.serve([])"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no RPC backend" in out.stderr

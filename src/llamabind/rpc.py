@@ -90,7 +90,9 @@ def check_endpoint(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
 def _server_lost_fn() -> Any:
     """ggml_backend_rpc_server_lost (added by llamabind's patch), from the RPC backend's proc table."""
     reg = lib.ggml_backend_reg_by_name(b"RPC")
-    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_server_lost") if reg != ffi.NULL else ffi.NULL
+    if reg == ffi.NULL:
+        raise ModelLoadError("this llamabind build has no RPC backend")
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_server_lost")
     if fn == ffi.NULL:
         raise ModelLoadError("ggml's RPC backend lacks ggml_backend_rpc_server_lost (an unpatched llama.cpp)")
     return ffi.cast("bool (*)(const char *)", fn)
@@ -98,6 +100,7 @@ def _server_lost_fn() -> Any:
 
 def server_lost(endpoint: str) -> bool:
     """Whether ggml-rpc lost the server at ``endpoint`` while this process was connected to it."""
+    parse_endpoint(endpoint)
     return bool(_server_lost_fn()(endpoint.encode()))
 
 
