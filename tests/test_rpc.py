@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -186,6 +187,38 @@ def test_not_an_rpc_server(tiny_model_path):
         with pytest.raises(lb.ModelLoadError, match="not a ggml rpc-server"):
             lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1, rpc_timeout=5.0)
         t.join(10)
+
+
+def test_server_lost_between_check_and_connection(tiny_model_path):
+    """A server that passes the check and is gone when ggml-rpc connects (it died in between):
+    ggml-rpc would abort ("Failed to connect"); patched, the load is a ModelLoadError that says so."""
+    _need_rpc()
+    import threading
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()  # the check: a well-formed hello, then the server "dies"
+            with conn:
+                conn.recv(64)
+                conn.sendall(struct.pack("<Q", 4 + rpc._CAPS_SIZE) + bytes([rpc.PROTO_MAJOR, rpc.PROTO_MINOR, 0, 0])
+                             + bytes(rpc._CAPS_SIZE))
+            listener.settimeout(10)
+            for _ in range(8):  # ggml-rpc's own connections: closed at once
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        t = threading.Thread(target=serve)
+        t.start()
+        with pytest.raises(lb.ModelLoadError, match="was lost"):
+            lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1)
+        listener.close()
+        t.join(20)
 
 
 def test_tiny_model_across_two_servers_matches_local(tiny_model_path, servers):

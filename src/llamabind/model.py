@@ -128,9 +128,14 @@ class Model(Handle):
             mparams.devices = remote.array
         clear_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
-        if ptr == ffi.NULL:
+        lost = remote.lost() if remote is not None else []
+        if ptr == ffi.NULL or lost:
+            if ptr != ffi.NULL:
+                lib.llama_model_free(ptr)  # its remote weights never arrived
             if remote is not None:
                 remote.close()
+            if lost:
+                raise ModelLoadError(f"RPC server {', '.join(lost)} was lost while {path} loaded")
             load_failed(state, ModelLoadError, path, f"llama.cpp could not load {path}")
         super().__init__(ptr, lib.llama_model_free)
         self._rpc = remote  # the endpoints stay marked in use while the model lives

@@ -142,7 +142,8 @@ def _add_server(endpoint: str) -> Any:
         raise ModelLoadError("ggml's RPC backend is not loaded")
     added = ffi.cast("ggml_backend_reg_t (*)(const char *)", fn)(endpoint.encode())
     if added == ffi.NULL:
-        raise ModelLoadError(f"RPC server {endpoint} offers no devices")
+        why = "was lost right after the check" if server_lost(endpoint) else "offers no devices"
+        raise ModelLoadError(f"RPC server {endpoint} {why}")
     return added
 
 
