@@ -14,8 +14,11 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -46,9 +49,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(threads: int = 1) -> tuple[subprocess.Popen, str]:
-    """One rpc-server on 127.0.0.1 (CPU device), waited for with a bounded loop."""
-    port = _free_port()
+def start_server(threads: int = 1, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """One rpc-server on 127.0.0.1 (CPU device; a free port unless given), waited for with a bounded loop."""
+    port = port or _free_port()
     proc = subprocess.Popen([rpc.server_path(), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     endpoint = f"127.0.0.1:{port}"
@@ -62,6 +65,25 @@ def start_server(threads: int = 1) -> tuple[subprocess.Popen, str]:
                 proc.kill()
                 raise RuntimeError(f"rpc-server on {endpoint} did not start: {proc.stderr.read().decode()[-500:]}")
             time.sleep(0.1)
+
+
+@contextmanager
+def fake_server(serve: Callable[[socket.socket], None] | None = None) -> Iterator[str]:
+    """A listener on 127.0.0.1 that is no rpc-server: ``serve(listener)`` runs in a thread (None:
+    it never answers). Yields its endpoint."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(20)
+        t = threading.Thread(target=serve, args=(listener,)) if serve is not None else None
+        if t is not None:
+            t.start()
+        try:
+            yield "127.0.0.1:%d" % listener.getsockname()[1]
+        finally:
+            listener.close()
+            if t is not None:
+                t.join(20)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -158,10 +180,7 @@ def test_silent_endpoint_times_out(tiny_model_path):
     """A listener that never answers (a hung server, or one busy with another client: rpc-server
     serves one at a time) would keep ggml-rpc waiting forever; the check gives up in time."""
     _need_rpc()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
+    with fake_server() as endpoint:
         t0 = time.monotonic()
         with pytest.raises(lb.ModelLoadError, match="no reply within 1 s"):
             lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1, rpc_timeout=1.0)
@@ -170,55 +189,39 @@ def test_silent_endpoint_times_out(tiny_model_path):
 
 def test_not_an_rpc_server(tiny_model_path):
     _need_rpc()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
-        import threading
 
-        def answer() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(64)
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    def answer(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
 
-        t = threading.Thread(target=answer)
-        t.start()
+    with fake_server(answer) as endpoint:
         with pytest.raises(lb.ModelLoadError, match="not a ggml rpc-server"):
             lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1, rpc_timeout=5.0)
-        t.join(10)
 
 
 def test_server_lost_between_check_and_connection(tiny_model_path):
     """A server that passes the check and is gone when ggml-rpc connects (it died in between):
     ggml-rpc would abort ("Failed to connect"); patched, the load is a ModelLoadError that says so."""
     _need_rpc()
-    import threading
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
 
-        def serve() -> None:
-            conn, _ = listener.accept()  # the check: a well-formed hello, then the server "dies"
-            with conn:
-                conn.recv(64)
-                conn.sendall(struct.pack("<Q", 4 + rpc._CAPS_SIZE) + bytes([rpc.PROTO_MAJOR, rpc.PROTO_MINOR, 0, 0])
-                             + bytes(rpc._CAPS_SIZE))
-            listener.settimeout(10)
-            for _ in range(8):  # ggml-rpc's own connections: closed at once
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                conn.close()
+    def hello_then_gone(listener: socket.socket) -> None:
+        conn, _ = listener.accept()  # the check: a well-formed hello, then the server "dies"
+        with conn:
+            conn.recv(64)
+            conn.sendall(struct.pack("<Q", 4 + rpc._CAPS_SIZE) + bytes([rpc.PROTO_MAJOR, rpc.PROTO_MINOR, 0, 0])
+                         + bytes(rpc._CAPS_SIZE))
+        for _ in range(8):  # ggml-rpc's own connections: closed at once
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed by fake_server, or no more connections
+                return
+            conn.close()
 
-        t = threading.Thread(target=serve)
-        t.start()
+    with fake_server(hello_then_gone) as endpoint:
         with pytest.raises(lb.ModelLoadError, match="was lost"):
             lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1)
-        listener.close()
-        t.join(20)
 
 
 def test_tiny_model_across_two_servers_matches_local(tiny_model_path, servers):
@@ -364,17 +367,8 @@ def test_restarted_server_serves_a_new_model(tiny_model_path):
         lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1)
     ctx.close()
     model.close()
-    again = subprocess.Popen([rpc.server_path(), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    again, _ = start_server(port=port)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                rpc.check_endpoint(endpoint, timeout=2)
-                break
-            except lb.ModelLoadError:
-                assert time.monotonic() < deadline and again.poll() is None
-                time.sleep(0.1)
         with lb.Model(tiny_model_path, rpc_servers=[endpoint], n_gpu_layers=-1) as model:
             assert not rpc.server_lost(endpoint)
             assert greedy(model, "hello", n=8) == want
