@@ -47,9 +47,12 @@ bool _llamabind_flag_abort(void * flag);
 int32_t _llamabind_native_loop(struct llama_context * ctx, struct llama_sampler * smpl, int32_t n, llama_token * out);
 """
 C_HELPERS = """
-/* Abort callback reading an int flag: cancellation with no Python call per graph node. */
-static bool _llamabind_flag_abort(void * flag) {
-    return flag != NULL && *(volatile int *) flag != 0;
+/* Abort callback reading two int flags (int *[2]: the context's own, and a Cancel's or NULL):
+   cancellation with no Python call per graph node. */
+static bool _llamabind_flag_abort(void * flags) {
+    int ** f = (int **) flags;
+    return f != NULL && ((f[0] != NULL && *(volatile int *) f[0] != 0) ||
+                         (f[1] != NULL && *(volatile int *) f[1] != 0));
 }
 
 /* The reference native decode loop for measuring llamabind's per-token overhead: the same

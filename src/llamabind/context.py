@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -13,12 +13,15 @@ from . import _params
 from ._handle import Handle
 from .batch import Batch
 from .raw import check_decode, clear_errors, fail, ffi, lib
-from .errors import BusyError, ClosedError, InvalidInputError, LlamaError, ModelLoadError
+from .errors import ClosedError, InvalidInputError, LlamaError, ModelLoadError
 from .memory import CachedTokens, Memory
 from .state import ContextState
 from ._abort import Aborts, AbortHook
-from ._lease import Leases
+from ._gate import Gate
 from .model import LoraAdapter, Model
+
+# ggml's own bound (GGML_MAX_N_THREADS): more threads fail inside llama_decode with std::bad_alloc
+MAX_THREADS = 512
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,24 @@ def _check_shape(p) -> None:
                                 f"of n_seq_max ({p.n_seq_max})")
 
 
-class Context(ContextState, Leases, Aborts, Handle):
+def _check_threads(*counts: int | None) -> None:
+    for n in counts:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS):
+            raise InvalidInputError(f"thread counts must be ints in [1, {MAX_THREADS}], not {n!r}")
+
+
+class Context(ContextState, Aborts, Handle):
     """A llama.cpp context over a model: the KV cache, the compute buffers and the outputs.
 
     Keyword arguments set ``llama_context_params`` fields by name; enums take short names
     (``pooling="mean"``, ``flash_attn="enabled"`` or a bool, ``type_k="q8_0"``). ``n_threads``
     defaults to the number of CPUs.
 
-    Threads: every call that touches the C context holds its lock (``hold()``), so calls from
-    several threads are serialised, never interleaved inside llama.cpp. A generation takes the
-    context for itself (``lease()``): a second generation, or a decode from another thread,
-    gets BusyError. ``close()`` from another thread aborts a running decode and waits for it;
-    it never frees memory under llama.cpp.
+    Threads: every call that touches the C context passes its gate (``hold()``, see ``_gate``):
+    one thread at a time, and a second thread gets BusyError at once instead of waiting. A
+    generation or an engine claims the context (``lease()``, ``claim``): other calls get
+    BusyError until it ends. ``close()`` from another thread aborts a running decode and waits
+    for it; it never frees memory under llama.cpp.
     """
 
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
@@ -77,7 +86,8 @@ class Context(ContextState, Leases, Aborts, Handle):
             raise InvalidInputError(f"Context needs a Model, not {type(model).__name__}")
         if model.vocab_only:
             raise InvalidInputError("this model was loaded with vocab_only=True: it has no weights to run")
-        threads = n_threads or os.cpu_count() or 4
+        _check_threads(n_threads, n_threads_batch)
+        threads = n_threads or min(os.cpu_count() or 4, MAX_THREADS)
         values = {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": min(n_ubatch, n_batch),
                   "n_seq_max": n_seq_max, "n_threads": threads,
                   "n_threads_batch": n_threads_batch or threads, "embeddings": embeddings,
@@ -90,9 +100,12 @@ class Context(ContextState, Leases, Aborts, Handle):
         cparams = lib.llama_context_default_params()
         _params.apply(cparams, "struct llama_context_params", values)
         _check_shape(cparams)
+        # The one abort flag (close(), abort()) and a Cancel's while a generation runs: both are
+        # read by the C callback between graph nodes, and by a Python abort callback first.
         self._abort_flag = ffi.new("int *")
+        self._abort_flags = ffi.new("int *[2]", [self._abort_flag, ffi.NULL])
         cparams.abort_callback = ffi.addressof(lib, "_llamabind_flag_abort")
-        cparams.abort_callback_data = self._abort_flag
+        cparams.abort_callback_data = self._abort_flags
         with model.hold():
             if model._rpc is not None:
                 model._rpc.check()
@@ -103,10 +116,7 @@ class Context(ContextState, Leases, Aborts, Handle):
             super().__init__(ptr, lib.llama_free, parent=model)
         self.model = model
         self.vocab = model.vocab
-        self._lock = threading.RLock()
-        self._computing: int | None = None  # thread inside llama.cpp on this context
-        self._lease: int | None = None      # thread whose generation holds the context
-        self._lease_owner: object = None    # the engine that claimed it (None: a generation's lease)
+        self._gate = Gate("this context")
         self._abort_hook: AbortHook | None = None
         self._abort_handle: Any = None
         self._loras: list[tuple[LoraAdapter, float]] = []
@@ -137,40 +147,61 @@ class Context(ContextState, Leases, Aborts, Handle):
             raise InvalidInputError(f"sequence id {seq_id} out of range [0, {self.n_seq_max})")
 
     # -- threads and lifetime ------------------------------------------------------------------
-    def hold(self) -> "_Hold":
-        """Hold the context's lock: no decode, memory operation or close runs meanwhile (re-entrant).
+    def hold(self, owner: object = None) -> Any:
+        """Enter the context's gate for a few calls (``with ctx.hold(): ...``): no other thread
+        decodes, edits memory or closes meanwhile; BusyError if another thread is inside or an
+        owner other than ``owner`` has claimed it, ClosedError once closed."""
+        return self._gate.use(owner)
 
-        ``with ctx.hold(): ...`` raises ClosedError on entry once the context is closed.
-        """
-        return _Hold(self)
+    @contextmanager
+    def lease(self) -> Iterator[object]:
+        """Claim the context for one generation; yields the owner token to pass to ``hold``.
+        BusyError while another generation or an engine drives it."""
+        token = _Lease()
+        self.claim(token)
+        try:
+            yield token
+        finally:
+            self._gate.release(token)
+
+    def claim(self, owner: object) -> None:
+        """Reserve the context for ``owner`` (an engine) until ``release``: calls from anyone else
+        get BusyError meanwhile."""
+        self.ptr
+        self._gate.claim(owner)
+
+    def release(self, owner: object) -> None:
+        """End ``owner``'s claim (nothing if it holds none)."""
+        self._gate.release(owner)
 
     def close(self) -> None:
-        """Free the context; a decode running in another thread is aborted and waited for."""
+        """Free the context; a decode running in another thread is aborted and waited for
+        (BusyError from inside a callback that the decode runs)."""
         if self._ptr is None:
             return
-        if self._computing == threading.get_ident():
-            raise BusyError("a context cannot be closed from inside its own decode (abort callback)")
-        self._abort_flag[0] = 1
-        with self._lock:
-            for adapter, _ in self._loras:
-                adapter._users.discard(self)
-            self._loras = []
-            super().close()
+        self._gate.shut(self.abort)
+        if self._ptr is None:
+            return
+        for adapter, _ in self._loras:
+            adapter._users.discard(self)
+        self._loras = []
+        super().close()
 
     # -- configuration -----------------------------------------------------------------------
     @property
     def pooling_type(self) -> int:
-        return lib.llama_pooling_type(self.ptr)
+        with self.hold():
+            return lib.llama_pooling_type(self.ptr)
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
-        if n_threads < 1 or (n_threads_batch is not None and n_threads_batch < 1):
-            raise InvalidInputError("thread counts must be >= 1")
+        _check_threads(n_threads, n_threads_batch)
         with self.hold():
             lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
 
     @property
     def n_threads(self) -> int:
-        return lib.llama_n_threads(self.ptr)
+        with self.hold():
+            return lib.llama_n_threads(self.ptr)
 
     def set_embeddings(self, on: bool) -> None:
         """Switch embedding output on or off for later decodes."""
@@ -185,7 +216,8 @@ class Context(ContextState, Leases, Aborts, Handle):
     @property
     def causal_attn(self) -> bool:
         """Whether decodes use causal attention (non-causal batches must fit in one ubatch)."""
-        return bool(lib.llama_get_causal_attn(self.ptr))
+        with self.hold():
+            return bool(lib.llama_get_causal_attn(self.ptr))
 
     def set_loras(self, adapters: Mapping[LoraAdapter, float]) -> None:
         """Apply LoRA adapters with scales (an empty mapping removes all); the context keeps them alive."""
@@ -229,7 +261,6 @@ class Context(ContextState, Leases, Aborts, Handle):
         """Run the model on ``batch`` (checked first); errors become DecodeError subclasses."""
         with self.hold():
             self._check_batch(batch)
-            self._check_owner()
             self.run(batch)
 
     def encode(self, batch: Batch) -> None:
@@ -238,7 +269,6 @@ class Context(ContextState, Leases, Aborts, Handle):
             if not self.model.has_encoder and lib.llama_get_memory(self.ptr) != ffi.NULL:
                 raise InvalidInputError("this model has no encoder: use decode()")
             self._check_batch(batch, encode=True)
-            self._check_owner()
             self.run(batch, encode=True)
 
     def run(self, batch: Batch, encode: bool = False, *, all_outputs: bool = False) -> None:
@@ -250,14 +280,17 @@ class Context(ContextState, Leases, Aborts, Handle):
         """
         fn, what = (lib.llama_encode, "llama_encode") if encode else (lib.llama_decode, "llama_decode")
         s = batch.struct()
-        with self._lock:
+        gate = self._gate
+        with gate:
             ptr = self.ptr
             self._abort_flag[0] = 0
-            self._computing = threading.get_ident()
+            if gate.closing:  # close() set the flag before the clear above: do not start
+                raise ClosedError("this context is being closed")
+            gate.calling_c(True)
             try:
                 rc = fn(ptr, s)
             finally:
-                self._computing = None
+                gate.calling_c(False)
             if self.model._rpc is not None:  # a lost server: its zeros are not the model's outputs
                 self.check_remote()
             if all_outputs and rc == 0:
@@ -363,20 +396,8 @@ class Context(ContextState, Leases, Aborts, Handle):
             lib.llama_perf_context_reset(self.ptr)
 
 
-class _Hold:
-    """``ctx.hold()``: the context's lock as a context manager that refuses a closed context."""
+class _Lease:
+    """The owner token of one generation's claim on a context."""
 
-    __slots__ = ("_ctx", "_lock")
-
-    def __init__(self, ctx: Context) -> None:
-        self._ctx, self._lock = ctx, ctx._lock
-
-    def __enter__(self) -> Context:
-        self._lock.acquire()
-        if self._ctx._ptr is None:
-            self._lock.release()
-            raise ClosedError("Context is closed")
-        return self._ctx
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+    __slots__ = ()
+    gate_name = "a generation"

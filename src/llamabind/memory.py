@@ -127,10 +127,12 @@ class Memory:
         return ok
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Copy positions [p0, p1) of sequence ``src`` into ``dst``.
+        """Make positions [p0, p1) of sequence ``dst`` those of ``src``.
 
-        With a KV cache split per sequence (``kv_unified=False``, ``n_seq_max > 1``) llama.cpp copies
-        whole sequences only: a partial range is refused there.
+        ``dst``'s own cells in the range are removed first (llama.cpp would otherwise keep them
+        beside the copy, and the record of what ``dst`` holds would lie). With a KV cache split per
+        sequence (``kv_unified=False``, ``n_seq_max > 1``) llama.cpp copies whole sequences only:
+        a partial range is refused there.
         """
         self._check_seq(src)
         self._check_seq(dst)
@@ -140,13 +142,16 @@ class Memory:
             raise InvalidInputError("seq_cp of a partial range needs a unified KV cache (kv_unified=True); "
                                     "this context keeps one cache per sequence and copies whole sequences only")
         with ctx.hold():
-            lib.llama_memory_seq_cp(self.ptr, src, dst, p0, p1)
             if src == dst:
                 return
-            if p0 <= 0 and p1 < 0 and ctx.tokens.get(src):
-                ctx.tokens.set(dst, ctx.tokens.get(src))
+            mem = self.ptr
+            lib.llama_memory_seq_rm(mem, dst, p0, p1)
+            lib.llama_memory_seq_cp(mem, src, dst, p0, p1)
+            tokens = ctx.tokens
+            if p0 <= 0 and p1 < 0 and tokens.view(src):
+                tokens.set(dst, tokens.view(src))
             else:
-                ctx.tokens.forget(dst)
+                tokens.forget(dst)
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence except ``seq_id``."""

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
-from . import _params, rpc
+from . import _params, _shutdown, rpc
+from ._gate import SharedGate
 from ._handle import Handle
 from .raw import clear_errors, fail, ffi, lib
-from .errors import ClosedError, InvalidInputError, LlamaError, ModelLoadError, ModelNotFoundError
+from .errors import InvalidInputError, LlamaError, ModelLoadError, ModelNotFoundError
 from .gguf_check import check_gguf
 from .vocab import Vocab
 
@@ -96,6 +95,14 @@ def _read_str(fn: Callable[..., int], *args: Any) -> str | None:
         size = n + 1
 
 
+def _fact(name: str, doc: str | None = None) -> Any:
+    """A Model property reading a fact cached at load (ClosedError once the model is closed)."""
+    def get(self: "Model") -> Any:
+        self.ptr
+        return self._facts[name]
+    return property(get, doc=doc)
+
+
 class Model(Handle):
     """A GGUF model loaded by llama.cpp.
 
@@ -143,8 +150,9 @@ class Model(Handle):
             self.adopt(remote)
         self.path = path
         self.vocab_only = bool(mparams.vocab_only)
-        self._lock = threading.RLock()
-        self._closing = False
+        self._gate = SharedGate("the model")
+        self._facts = _facts(ptr)  # read once: getters never touch a pointer that close() may free
+        _shutdown.track(self)
         self._vocab: weakref.ref[Vocab] | None = None
         self._pieces: dict[bool, dict[int, tuple[bytes, bool]]] = {False: {}, True: {}}  # see Vocab
         self._texts: dict[bytes, str | None] = {}  # pieces as text, None where not whole UTF-8 (Detokenizer)
@@ -154,78 +162,64 @@ class Model(Handle):
         """The model's vocabulary (it keeps the model alive; the model does not keep it)."""
         v = self._vocab() if self._vocab is not None else None
         if v is None:
-            v = Vocab(self)
+            with self._gate:
+                v = Vocab(self)
             self._vocab = weakref.ref(v)
         return v
 
-    @contextmanager
-    def hold(self) -> Iterator["Model"]:
-        """Hold the model's lock: it is not closed meanwhile (re-entrant); ClosedError once closing."""
-        with self._lock:
-            if self._closing:
-                raise ClosedError("the model is being closed")
-            self.ptr  # ClosedError first
-            yield self
+    def hold(self) -> SharedGate:
+        """Use the model for a few calls (``with model.hold(): ...``): several threads at once,
+        and ``close()`` waits for them to leave; ClosedError once closing."""
+        return self._gate
 
     def close(self) -> None:
         """Free the model: its contexts and adapters first (each waits for a running decode)."""
         if self._ptr is None:
             return
-        with self._lock:
-            self._closing = True  # no new contexts or adapters from here on
-        # Children close without the model lock held: a decode loop holding its context may need
-        # the model (a vocab call) before it lets go; it gets ClosedError instead of a deadlock.
+        # No new users, contexts or adapters from here on; those inside (a tokenizer, a context
+        # being created) finish first. A decode loop that then needs the model gets ClosedError.
+        self._gate.shut()
         for child in list(self._children):
             child.close()
-        with self._lock:
-            super().close()
+        super().close()
 
-    # -- facts -------------------------------------------------------------------------------
-    n_ctx_train = property(lambda self: lib.llama_model_n_ctx_train(self.ptr), doc="training context length")
-    n_embd = property(lambda self: lib.llama_model_n_embd(self.ptr), doc="embedding size")
-    n_embd_out = property(lambda self: lib.llama_model_n_embd_out(self.ptr), doc="output embedding size")
-    n_layer = property(lambda self: lib.llama_model_n_layer(self.ptr))
-    n_head = property(lambda self: lib.llama_model_n_head(self.ptr))
-    n_head_kv = property(lambda self: lib.llama_model_n_head_kv(self.ptr))
-    n_swa = property(lambda self: lib.llama_model_n_swa(self.ptr))
-    n_params = property(lambda self: int(lib.llama_model_n_params(self.ptr)), doc="number of parameters")
-    size = property(lambda self: int(lib.llama_model_size(self.ptr)), doc="size of all tensors in bytes")
-    n_cls_out = property(lambda self: lib.llama_model_n_cls_out(self.ptr), doc="classifier outputs (rerankers)")
-    is_recurrent = property(lambda self: bool(lib.llama_model_is_recurrent(self.ptr)))
-    is_hybrid = property(lambda self: bool(lib.llama_model_is_hybrid(self.ptr)))
-    is_diffusion = property(lambda self: bool(lib.llama_model_is_diffusion(self.ptr)))
-    has_encoder = property(lambda self: bool(lib.llama_model_has_encoder(self.ptr)))
-    has_decoder = property(lambda self: bool(lib.llama_model_has_decoder(self.ptr)))
-
-    @property
-    def description(self) -> str:
-        """llama.cpp's one-line description, e.g. ``gemma3 270M Q4_K - Medium``."""
-        return _read_str(lambda b, n: lib.llama_model_desc(self.ptr, b, n)) or ""
+    # -- facts (read when the model opens) -----------------------------------------------------
+    n_ctx_train = _fact("n_ctx_train", "training context length")
+    n_embd = _fact("n_embd", "embedding size")
+    n_embd_out = _fact("n_embd_out", "output embedding size")
+    n_layer = _fact("n_layer")
+    n_head = _fact("n_head")
+    n_head_kv = _fact("n_head_kv")
+    n_swa = _fact("n_swa")
+    n_params = _fact("n_params", "number of parameters")
+    size = _fact("size", "size of all tensors in bytes")
+    n_cls_out = _fact("n_cls_out", "classifier outputs (rerankers)")
+    is_recurrent = _fact("is_recurrent")
+    is_hybrid = _fact("is_hybrid")
+    is_diffusion = _fact("is_diffusion")
+    has_encoder = _fact("has_encoder")
+    has_decoder = _fact("has_decoder")
+    description = _fact("description", "llama.cpp's one-line description, e.g. ``gemma3 270M Q4_K - Medium``")
 
     @property
     def metadata(self) -> dict[str, str]:
-        """All GGUF key/value pairs (values as llama.cpp renders them)."""
-        ptr = self.ptr
-        out = {}
-        for i in range(lib.llama_model_meta_count(ptr)):
-            key = _read_str(lambda b, n: lib.llama_model_meta_key_by_index(ptr, i, b, n))
-            val = _read_str(lambda b, n: lib.llama_model_meta_val_str_by_index(ptr, i, b, n))
-            if key is not None:
-                out[key] = val or ""
-        return out
+        """All GGUF key/value pairs (values as llama.cpp renders them), a copy."""
+        self.ptr
+        return dict(self._facts["metadata"])
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         """One GGUF metadata value by key."""
-        v = _read_str(lambda b, n: lib.llama_model_meta_val_str(self.ptr, key.encode(), b, n))
-        return default if v is None else v
+        self.ptr
+        return self._facts["metadata"].get(key, default)
 
     name = property(lambda self: self.meta("general.name"), doc="general.name, if set")
     architecture = property(lambda self: self.meta("general.architecture"), doc="general.architecture")
 
     def chat_template(self, name: str | None = None) -> str | None:
         """The model's (or a named) chat template stored in the GGUF, or None."""
-        p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)
-        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+        with self._gate:
+            p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)
+            return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True,
                             template: str | None = None) -> str:
@@ -279,6 +273,30 @@ class Model(Handle):
     def load_lora(self, path: str | os.PathLike) -> "LoraAdapter":
         """Load a LoRA adapter for this model; apply it with ``Context.set_loras``."""
         return LoraAdapter(self, path)
+
+
+def _facts(ptr: Any) -> dict[str, Any]:
+    """What a model's getters report, read once while nothing can free it."""
+    meta = {}
+    for i in range(lib.llama_model_meta_count(ptr)):
+        key = _read_str(lambda b, n: lib.llama_model_meta_key_by_index(ptr, i, b, n))
+        val = _read_str(lambda b, n: lib.llama_model_meta_val_str_by_index(ptr, i, b, n))
+        if key is not None:
+            meta[key] = val or ""
+    layers = lib.llama_model_n_layer(ptr)
+    return {
+        "n_ctx_train": lib.llama_model_n_ctx_train(ptr), "n_embd": lib.llama_model_n_embd(ptr),
+        "n_embd_out": lib.llama_model_n_embd_out(ptr), "n_layer": lib.llama_model_n_layer(ptr),
+        # llama.cpp aborts asking a model without layers (vocab_only) for its heads
+        "n_head": lib.llama_model_n_head(ptr) if layers else 0,
+        "n_head_kv": lib.llama_model_n_head_kv(ptr) if layers else 0,
+        "n_swa": lib.llama_model_n_swa(ptr), "n_params": int(lib.llama_model_n_params(ptr)),
+        "size": int(lib.llama_model_size(ptr)), "n_cls_out": lib.llama_model_n_cls_out(ptr),
+        "is_recurrent": bool(lib.llama_model_is_recurrent(ptr)), "is_hybrid": bool(lib.llama_model_is_hybrid(ptr)),
+        "is_diffusion": bool(lib.llama_model_is_diffusion(ptr)),
+        "has_encoder": bool(lib.llama_model_has_encoder(ptr)), "has_decoder": bool(lib.llama_model_has_decoder(ptr)),
+        "description": _read_str(lambda b, n: lib.llama_model_desc(ptr, b, n)) or "", "metadata": meta,
+    }
 
 
 def builtin_chat_templates() -> list[str]:

@@ -1,4 +1,4 @@
-"""Samplers written in Python: subclass PySampler, edit the candidates (a numpy view) in ``apply``."""
+"""Samplers written in Python: subclass PySampler, edit the candidates (a numpy array) in ``apply``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,22 @@ from .sampler import TOKEN_DATA, Sampler
 
 
 class TokenDataArray:
-    """What a Python sampler sees: candidate tokens as a numpy view, and the selection."""
+    """What a Python sampler sees: the candidate tokens as a numpy array of its own (a copy of
+    llama.cpp's, written back when ``apply`` returns, so a kept array never reads freed memory),
+    and the selection."""
 
     __slots__ = ("_c", "data")
 
     def __init__(self, c) -> None:
         self._c = c
-        self.data = np.frombuffer(ffi.buffer(c.data, c.size * TOKEN_DATA.itemsize), dtype=TOKEN_DATA)
+        self.data = np.frombuffer(ffi.buffer(c.data, c.size * TOKEN_DATA.itemsize), dtype=TOKEN_DATA).copy()
+
+    def _write_back(self) -> None:
+        n = self._c.size
+        data = self.data
+        if not isinstance(data, np.ndarray) or data.dtype != TOKEN_DATA or data.size < n:
+            raise InvalidInputError(f"cur.data must stay an array of {n} sampler.TOKEN_DATA candidates")
+        ffi.memmove(self._c.data, np.ascontiguousarray(data[:n]), n * TOKEN_DATA.itemsize)
 
     @property
     def selected(self) -> int:
@@ -40,7 +49,6 @@ class TokenDataArray:
 
     def _release(self) -> None:
         self._c = ffi.new("llama_token_data_array *")
-        self.data = np.zeros(0, dtype=TOKEN_DATA)
 
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` candidates."""
@@ -75,8 +83,9 @@ class PySampler:
         cur = TokenDataArray(c)
         try:
             self.apply(cur)
+            cur._write_back()  # only after a clean return: an exception leaves the candidates as they were
         finally:
-            cur._release()  # the C array is gone after this call: a kept object sees nothing
+            cur._release()  # the C array is gone after this call: a kept object changes nothing there
 
     def as_sampler(self) -> Sampler:
         def guard(fn):

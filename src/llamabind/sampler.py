@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ._gate import Gate
 from ._handle import Handle
 from .gbnf import GrammarLimits, check_grammar, nesting
 from .raw import clear_errors, fail, ffi, lib, reason
-from .errors import BusyError, InvalidInputError
+from .errors import InvalidInputError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -61,8 +62,8 @@ class Sampler(Handle):
         self._grammar_paths: list[tuple[int, ...]] = [()] if what in ("grammar", "lazy grammar") else []
         self._py: list[Any] = [py] if py is not None else []  # PySamplers inside, whose errors are raised
         self._failed: str | None = None
-        self._lock = threading.RLock()  # one user at a time; close waits for a running sample
-        self._busy: int | None = None   # thread inside llama.cpp with this sampler
+        self._gate = Gate("this sampler")  # one user at a time; close waits for a running sample
+        self._owner: object = None  # the engine request that owns it, if any (see ``take``)
         # Pure greedy (alone or as the only member of a chain): the arg-max of the logits, taken
         # without building llama.cpp's candidate array (about 1 ms per token for 262k tokens).
         self._greedy = what == "greedy"
@@ -245,7 +246,9 @@ class Sampler(Handle):
             raise InvalidInputError(f"add() needs a chain sampler, not {self._what}")
         if sampler is self:
             raise InvalidInputError("a chain cannot contain itself")
-        with self._lock, sampler._lock:
+        if sampler._owner is not None:
+            raise InvalidInputError("this sampler belongs to an engine request")
+        with self._gate, sampler._gate:
             pos = len(self)
             lib.llama_sampler_chain_add(self.ptr, sampler.ptr)
             self._keep.append(sampler._keep)
@@ -276,9 +279,19 @@ class Sampler(Handle):
 
     def sample(self, ctx: "Context", idx: int = -1) -> int:
         """Sample (and accept) a token from output row ``idx`` of the context's last decode."""
-        with ctx.lease():
+        with ctx.hold():
             ctx.check_output(idx)
-            return sample_fast(self, ctx.ptr, idx, ctx.n_vocab)
+            return sample_fast(self, ctx, idx)
+
+    def take(self, owner: object) -> None:
+        """Make ``owner`` (an engine request) the sampler's only user; InvalidInputError if it is
+        closed, in a chain, or owned already."""
+        with self._gate:
+            if self._ptr is None:
+                raise InvalidInputError("this sampler is closed (or was added to a chain)")
+            if self._owner is not None and self._owner is not owner:
+                raise InvalidInputError("this sampler already belongs to another engine request")
+            self._owner = owner
 
     def _check_token_ids(self, ids: np.ndarray) -> None:
         bad = ids < 0 if self._n_vocab is None else (ids < 0) | (ids >= self._n_vocab)
@@ -305,11 +318,12 @@ class Sampler(Handle):
         return _Use(self)
 
     def close(self) -> None:
-        """Free the sampler; from another thread this waits for a running sample."""
-        if self._busy == threading.get_ident():
-            raise BusyError("a sampler cannot be closed from inside its own sampling (a Python sampler's apply)")
-        with self._lock:
-            super().close()
+        """Free the sampler; from another thread this waits for a running sample (BusyError from
+        inside a Python sampler's own callback)."""
+        if self._ptr is None:
+            return
+        self._gate.shut()
+        super().close()
 
     def _raised(self, rc_failed: bool) -> None:
         """After a shim call: re-raise a Python sampler's exception, else turn a failure into InvalidInputError."""
@@ -360,7 +374,7 @@ class Sampler(Handle):
 
     def reset(self) -> None:
         """Back to the initial state (a failed grammar starts over)."""
-        with self._lock:
+        with self._gate:
             lib.llama_sampler_reset(self.ptr)
             self._failed = None
 
@@ -375,27 +389,28 @@ class Sampler(Handle):
 
 
 class _Use:
-    """One call into llama.cpp with a sampler: its lock held, the calling thread recorded."""
+    """One call into llama.cpp with a sampler: through its gate, marked as inside C (a Python
+    sampler's callback calling back into it is refused)."""
 
-    __slots__ = ("_s", "_prev")
+    __slots__ = ("_gate", "_s")
 
     def __init__(self, sampler: Sampler) -> None:
-        self._s = sampler
+        self._s, self._gate = sampler, sampler._gate
 
     def __enter__(self) -> Any:
-        s = self._s
-        s._lock.acquire()
+        gate = self._gate
+        gate.enter()
         try:
-            ptr = s._usable()
+            ptr = self._s._usable()
         except BaseException:
-            s._lock.release()
+            gate.exit()
             raise
-        self._prev, s._busy = s._busy, threading.get_ident()
+        gate.calling_c(True)
         return ptr
 
     def __exit__(self, *exc: object) -> None:
-        self._s._busy = self._prev
-        self._s._lock.release()
+        self._gate.calling_c(False)
+        self._gate.exit()
 
 
 def _token_array(candidates: np.ndarray) -> Any:
@@ -404,19 +419,26 @@ def _token_array(candidates: np.ndarray) -> Any:
         "selected": -1, "sorted": False})
 
 
-def sample_fast(sampler: Sampler, cptr, idx: int, n_vocab: int) -> int:
-    """Sample and accept a token from output row ``idx`` of the context ``cptr`` (held by the caller).
+def sample_fast(sampler: Sampler, ctx: "Context", idx: int) -> int:
+    """Sample and accept a token from output row ``idx`` of ``ctx`` (whose gate the caller is in).
 
     Greedy samplers over large vocabularies are a numpy arg-max over the logits (the first
-    maximum, as llama.cpp's); the rest go through the shim's checked llama_sampler_sample.
+    maximum, as llama.cpp's); the rest go through the shim's checked llama_sampler_sample, with
+    the context marked as inside C (a Python sampler calling back into it is refused).
     """
+    cptr, n_vocab = ctx.ptr, ctx.n_vocab
     if sampler._greedy and n_vocab >= 16384:
         p = lib.llama_get_logits_ith(cptr, idx)
         if p == ffi.NULL:
             fail(InvalidInputError, f"no logits for batch row {idx}")
         return int(np.argmax(np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32)))
+    gate = ctx._gate
     with sampler._use() as ptr:
-        tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
+        gate.calling_c(True)
+        try:
+            tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
+        finally:
+            gate.calling_c(False)
         if tok < 0:
             clear_errors()
         sampler._raised(tok < 0)

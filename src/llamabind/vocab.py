@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from codecs import utf_8_decode as _utf8_decode
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from .model import Model
 
 TOKEN_NULL = -1
+_SPECIALS = ("bos", "eos", "eot", "sep", "nl", "pad", "mask", "fim_pre", "fim_suf", "fim_mid")
+
+
+def _token_or_none(tok: int) -> int | None:
+    return None if tok == TOKEN_NULL else int(tok)
 
 
 def as_tokens(tokens: Iterable[int] | np.ndarray) -> np.ndarray:
@@ -61,6 +66,10 @@ class Vocab:
         no_sep = lib.llama_vocab_sep(self._vptr) == TOKEN_NULL
         self._can_add_special = not (((wpm or lib.llama_vocab_get_add_bos(self._vptr)) and no_bos)
                                      or (wpm and no_sep))
+        v = self._vptr  # facts read once, while the model is surely open
+        self._facts = {name: _token_or_none(getattr(lib, f"llama_vocab_{name}")(v)) for name in _SPECIALS}
+        self._facts.update(type=lib.llama_vocab_type(v), add_bos=bool(lib.llama_vocab_get_add_bos(v)),
+                           add_eos=bool(lib.llama_vocab_get_add_eos(v)))
 
     @property
     def model(self) -> "Model":
@@ -78,7 +87,11 @@ class Vocab:
 
     @property
     def type(self) -> int:
-        return lib.llama_vocab_type(self.ptr)
+        return self._fact("type")
+
+    def _fact(self, name: str) -> Any:
+        self.ptr  # ClosedError once the model is closed
+        return self._facts[name]
 
     def starts_with_bos(self, text: str) -> bool:
         """Whether ``text`` (a rendered chat template, say) already begins with the BOS token's text,
@@ -160,27 +173,27 @@ class Vocab:
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (eos, eot, ...)."""
-        return bool(lib.llama_vocab_is_eog(self.ptr, self.check_token(token)))
+        token = self.check_token(token)
+        with self._model.hold():
+            return bool(lib.llama_vocab_is_eog(self.ptr, token))
 
     def is_control(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_control(self.ptr, self.check_token(token)))
+        token = self.check_token(token)
+        with self._model.hold():
+            return bool(lib.llama_vocab_is_control(self.ptr, token))
 
-    def _special(self, fn) -> int | None:
-        tok = fn(self.ptr)
-        return None if tok == TOKEN_NULL else int(tok)
-
-    bos = property(lambda self: self._special(lib.llama_vocab_bos), doc="beginning-of-sequence token or None")
-    eos = property(lambda self: self._special(lib.llama_vocab_eos), doc="end-of-sequence token or None")
-    eot = property(lambda self: self._special(lib.llama_vocab_eot), doc="end-of-turn token or None")
-    sep = property(lambda self: self._special(lib.llama_vocab_sep), doc="separator token or None")
-    nl = property(lambda self: self._special(lib.llama_vocab_nl), doc="newline token or None")
-    pad = property(lambda self: self._special(lib.llama_vocab_pad), doc="padding token or None")
-    mask = property(lambda self: self._special(lib.llama_vocab_mask), doc="mask token or None")
-    fim_pre = property(lambda self: self._special(lib.llama_vocab_fim_pre), doc="FIM prefix token or None")
-    fim_suf = property(lambda self: self._special(lib.llama_vocab_fim_suf), doc="FIM suffix token or None")
-    fim_mid = property(lambda self: self._special(lib.llama_vocab_fim_mid), doc="FIM middle token or None")
-    add_bos = property(lambda self: bool(lib.llama_vocab_get_add_bos(self.ptr)))
-    add_eos = property(lambda self: bool(lib.llama_vocab_get_add_eos(self.ptr)))
+    bos = property(lambda self: self._fact("bos"), doc="beginning-of-sequence token or None")
+    eos = property(lambda self: self._fact("eos"), doc="end-of-sequence token or None")
+    eot = property(lambda self: self._fact("eot"), doc="end-of-turn token or None")
+    sep = property(lambda self: self._fact("sep"), doc="separator token or None")
+    nl = property(lambda self: self._fact("nl"), doc="newline token or None")
+    pad = property(lambda self: self._fact("pad"), doc="padding token or None")
+    mask = property(lambda self: self._fact("mask"), doc="mask token or None")
+    fim_pre = property(lambda self: self._fact("fim_pre"), doc="FIM prefix token or None")
+    fim_suf = property(lambda self: self._fact("fim_suf"), doc="FIM suffix token or None")
+    fim_mid = property(lambda self: self._fact("fim_mid"), doc="FIM middle token or None")
+    add_bos = property(lambda self: self._fact("add_bos"))
+    add_eos = property(lambda self: self._fact("add_eos"))
 
     def _piece_entry(self, token: int, special: bool) -> tuple[bytes, bool]:
         """Compute and cache (piece bytes, is end-of-generation) for a token: pieces never change."""

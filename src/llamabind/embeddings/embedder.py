@@ -178,7 +178,7 @@ class Embedder:
         ctx = self.ctx
         with self._lock:
             ctx.ptr  # ClosedError first
-            with ctx.lease(), ctx.hold():  # BusyError while a generation (or another Embedder) drives it
+            with ctx.lease() as lease, ctx.hold(lease):  # BusyError while a generation (or another Embedder) drives it
                 return [self._batch_run(group, width) for group in self._pack(toks)]
 
     def _pack(self, toks: list[np.ndarray]) -> Iterable[list[np.ndarray]]:

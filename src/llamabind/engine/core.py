@@ -19,8 +19,7 @@ import numpy as np
 
 from ..batch import Batch
 from ..context import Context
-from ..errors import (AbortedError, BusyError, ClosedError, DecodeError, InvalidInputError, KVCacheFullError,
-                      RpcServerLostError)
+from ..errors import AbortedError, BusyError, ClosedError, InvalidInputError, KVCacheFullError
 from ..generation.events import DoneEvent, Timings, TokenEvent, Usage
 from ..model import Model
 from .draft import DraftModel
@@ -83,6 +82,8 @@ class Engine:
         self._own = own_context
         self._share = ctx.kv_unified or self.n_slots == 1  # llama.cpp copies part of a sequence only then
         self._closed = False
+        self._error: BaseException | None = None  # set when the engine itself failed: every later call sees it
+        self.driver: object = None  # the one thread that drives ``step`` (engine/facade.py), if any
         self._stepper = Step(ctx, Batch(ctx.n_batch, 1))
         self._stepper.ready = self._ready
         self._draft = self._stepper.model = DraftModel(ctx, draft_model) if draft_model is not None else None
@@ -109,14 +110,26 @@ class Engine:
             raise
 
     # -- any thread ----------------------------------------------------------------------------
+    gate_name = "an engine"
+
     def submit(self, request: Request | None = None, **options: Any) -> int:
         """Queue a request (a Request, or its fields as keywords); returns its id.
 
         It is checked and rendered here, in the caller's thread: bad input raises
         InvalidInputError (ContextOverflowError for a prompt that can never fit) before it queues.
         """
+        return self.enqueue(self.prepare(request, **options))
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise ClosedError(f"the engine failed ({self._error!r}) and is closed") from self._error
         if self._closed:
             raise ClosedError("the engine is closed")
+
+    def prepare(self, request: Request | None = None, **options: Any) -> RequestState:
+        """Check and render a request (no lock held: other threads submit and step meanwhile);
+        ``enqueue`` then queues it. Its sampler is the request's from here on."""
+        self._check_open()
         if request is None:
             unknown = set(options) - REQUEST_FIELDS
             if unknown:
@@ -132,14 +145,25 @@ class Engine:
         try:
             if request.n_draft and (self.ctx.model.is_recurrent or self.ctx.model.is_hybrid):
                 raise InvalidInputError("speculative drafts need a memory that can drop positions (not recurrent)")
-            state = prepare(self.ctx, rid, request, self._draft is not None)
+            return prepare(self.ctx, rid, request, self._draft is not None)
         except BaseException:
             with self._lock:
                 self._n_waiting -= 1
             raise
+
+    def enqueue(self, state: RequestState) -> int:
+        """Queue a prepared request for the next step; its id."""
+        try:
+            self._check_open()
+        except ClosedError:
+            with self._lock:
+                self._n_waiting -= 1
+            if state.sampler is not None:
+                state.sampler.close()
+            raise
         self._inbox.append(("submit", state))
         self.wake.set()
-        return rid
+        return state.id
 
     def cancel(self, rid: int) -> None:
         """End request ``rid`` (``finish_reason="cancelled"``) at the next step; unknown ids are ignored."""
@@ -154,13 +178,12 @@ class Engine:
     # -- the owner -------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Admit, decode one batch, sample: the events of this step (possibly none)."""
-        if self._closed:
-            raise ClosedError("the engine is closed")
+        self._check_open()
         t0 = time.perf_counter()
         events: list[Event] = []
         ctx = self.ctx
         ctx.claim(self)
-        with ctx.hold():
+        with ctx.hold(self):
             if self._inbox:
                 self._take_inbox(events)
             if self._n_deadlines:
@@ -178,10 +201,14 @@ class Engine:
                     if not self._make_room(e, events):
                         break
                     continue
-                except (AbortedError, DecodeError, RpcServerLostError) as e:
-                    for s in list(self._order):
-                        s.error = e if not isinstance(e, AbortedError) else None
-                        self._end(s, "cancelled" if isinstance(e, AbortedError) else "error", events, drop=True)
+                except AbortedError:  # ctx.abort(), or an abort callback that said so
+                    self._end_all("cancelled", None, events)
+                    break
+                except ClosedError as e:  # the context is gone: so is the engine
+                    self._fail(e, events)
+                    raise
+                except Exception as e:  # a failed decode, a lost RPC server, an abort callback that raised
+                    self._end_all("error", e, events)
                     break
                 self._n_decoded += st.n_rows
                 st.collect(time.perf_counter(), events)
@@ -206,16 +233,38 @@ class Engine:
                              sum(len(self.ctx.tokens.view(i)) for i in range(self.n_slots)), self._n_preempted,
                              self._draft.seconds if self._draft is not None else 0.0)
 
-    def close(self) -> list[Event]:
-        """End every request (``cancelled``) and free the context if the engine made it."""
+    def _end_all(self, reason: str, error: BaseException | None, events: list[Event]) -> None:
+        """End every running request with ``reason`` and ``error`` (its cells dropped)."""
+        for s in list(self._order):
+            s.error = error
+            self._end(s, reason, events, drop=True)
+
+    def _fail(self, error: BaseException, events: list[Event]) -> None:
+        """The engine itself failed: every request, running or queued, ends with ``error``, and
+        every later call raises ClosedError naming it (h11's ERROR state)."""
+        self._error = error
+        self._end_everything("error", error, events)
+
+    def _end_everything(self, reason: str, error: BaseException | None, events: list[Event]) -> None:
+        self._take_inbox(events)
+        for s in list(self._order) + list(self._queue):
+            s.error = error
+            self._end(s, reason, events, drop=False)
+
+    def close(self, error: BaseException | None = None) -> list[Event]:
+        """End every request (``cancelled``, or ``error`` with ``error``: the engine failed) and free
+        the context if the engine made it."""
         if self._closed:
             return []
         events: list[Event] = []
-        if not self.ctx.closed:
-            with self.ctx.hold():
-                self._take_inbox(events)
-                for s in list(self._order) + list(self._queue):
-                    self._end(s, "cancelled", events, drop=False)
+        if error is not None and self._error is None:
+            self._error = error
+        reason = "cancelled" if error is None else "error"
+        try:
+            with self.ctx.hold(self):  # BusyError while another thread steps it
+                self._end_everything(reason, error, events)
+        except ClosedError:  # the context is gone: nothing to tidy in its cache, the requests still end
+            self._end_everything(reason, error, events)
         self._queue.clear()
         self._closed = True
         if not self.ctx.closed:
@@ -362,7 +411,7 @@ class Engine:
                 self._n_waiting -= 1
         if s.slot >= 0:
             self._full = False
-            if drop or s.shifted:
+            if (drop or s.shifted) and not ctx.closed:
                 ctx.memory.seq_rm(s.slot, s.n_pos if not s.shifted else -1, -1)
             self.slots[s.slot] = None
             self.last_used[s.slot] = time.perf_counter()
@@ -370,11 +419,16 @@ class Engine:
             if r.wait is not None and r.wait[0] is s:
                 d, n = r.wait
                 r.wait = None
-                self.copy_from(r, s.slot, n)
+                if not ctx.closed:
+                    self.copy_from(r, s.slot, n)
         tail = "" if s.hit else s.stop.flush() + s.detok.flush()
         if tail:
             s.text.append(tail)
-        deltas = s.parser.finish(tail) if s.parser is not None else ()
+        try:
+            deltas = s.parser.finish(tail) if s.parser is not None else ()
+        except Exception as e:  # the output parser failed on the end of the text: this request's error
+            deltas, reason = (), "error"
+            s.error = s.error or e
         if tail or deltas:
             events.append(TokenEvent(None, tail, s.id, deltas, None, time.perf_counter()))
         message = s.parser.message if s.parser is not None else None

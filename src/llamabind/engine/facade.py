@@ -10,7 +10,8 @@ import threading
 from collections import defaultdict
 from typing import Any, AsyncGenerator, Callable, Iterator
 
-from ..errors import ClosedError, LlamaError
+from .. import _shutdown
+from ..errors import BusyError, ClosedError, LlamaError
 from ..generation.events import DoneEvent
 from .core import Engine, Event
 
@@ -18,9 +19,13 @@ Sink = Callable[[list[Event]], None]
 
 
 class _Driver:
-    """The thread that owns the engine: steps while there is work, hands events to sinks."""
+    """The thread that owns the engine (one per engine): steps while there is work, hands events
+    to sinks. At interpreter exit it is stopped, and its decode aborted, before handles are freed."""
 
     def __init__(self, engine: Engine) -> None:
+        if engine.driver is not None:
+            raise BusyError("this engine already has a driver (one EngineThread or AsyncEngine per Engine)")
+        engine.driver = self
         self.engine = engine
         self._sinks: dict[int, Sink] = {}
         self._reg = threading.Lock()
@@ -28,14 +33,20 @@ class _Driver:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="llamabind-engine", daemon=True)
         self._thread.start()
+        _shutdown.at_exit(self.close)
 
     def submit(self, sink: Sink, options: dict[str, Any]) -> int:
         if self._stop:
             raise ClosedError("the engine is closed")
+        state = self.engine.prepare(**options)  # checked, rendered, tokenized: no lock held
         with self._reg:  # registered before the driver can see the request
-            rid = self.engine.submit(**options)
-            self._sinks[rid] = sink
-        return rid
+            self._sinks[state.id] = sink
+        try:
+            return self.engine.enqueue(state)
+        except BaseException:
+            with self._reg:
+                self._sinks.pop(state.id, None)
+            raise
 
     def _loop(self) -> None:
         eng = self.engine
@@ -50,8 +61,10 @@ class _Driver:
             self.error = e
         finally:
             self._stop = True
-            events = eng.close()
-            self._dispatch(events)
+            try:
+                self._dispatch(eng.close(self.error))
+            except BaseException as e:  # never leave the consumers below waiting
+                self.error = self.error or e
             with self._reg:
                 orphans, self._sinks = self._sinks, {}
             for rid, sink in orphans.items():  # never leave a consumer waiting
@@ -73,9 +86,12 @@ class _Driver:
                 sink(evs)
 
     def close(self, timeout: float | None = None) -> None:
+        """Stop stepping (a running decode is aborted) and wait for the thread to end."""
         self._stop = True
         self.engine.wake.set()
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            if not self.engine.ctx.closed:
+                self.engine.ctx.abort()
             self._thread.join(timeout)
 
 

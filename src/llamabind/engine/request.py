@@ -129,8 +129,26 @@ class RequestState:
         return self.pending < 0 and self.reason is None
 
 
+# No tokenizer turns more than this many bytes of text into one token on average: a longer prompt
+# can never fit its sequence, and is refused before it is tokenized (a million words take seconds).
+MAX_BYTES_PER_TOKEN = 64
+
+
+def _text_bytes(req: Request) -> int:
+    """At most the UTF-8 bytes of the request's text (characters of a str: each is one byte or more)."""
+    if isinstance(req.prompt, (str, bytes)):
+        return len(req.prompt)
+    if isinstance(req.messages, (list, tuple)):
+        return sum(len(m.get("content") or "") if isinstance(m, dict) and isinstance(m.get("content"), str) else 0
+                   for m in req.messages)
+    return 0
+
+
 def prepare(ctx: Context, rid: int, req: Request, has_draft_model: bool = False) -> RequestState:
     """Check ``req`` and render it into tokens; InvalidInputError for anything it cannot run."""
+    if _text_bytes(req) > MAX_BYTES_PER_TOKEN * ctx.n_ctx_seq:
+        raise ContextOverflowError(f"the prompt's text is over {MAX_BYTES_PER_TOKEN} bytes per token of the "
+                                   f"engine's {ctx.n_ctx_seq}-token sequences: it cannot fit")
     if not isinstance(req, Request):
         raise InvalidInputError(f"expected a Request, not {type(req).__name__}")
     m = req.max_tokens
@@ -152,6 +170,9 @@ def prepare(ctx: Context, rid: int, req: Request, has_draft_model: bool = False)
         raise InvalidInputError("draft='model' needs an engine with a draft model (Engine.load(..., draft_model=))")
     if req.sampler is not None and not isinstance(req.sampler, Sampler):
         raise InvalidInputError(f"sampler must be a Sampler, not {type(req.sampler).__name__}")
+    if req.sampler is not None and (req.sampler.closed or req.sampler._owner is not None):
+        raise InvalidInputError("this sampler is closed or already belongs to an engine request: "
+                                "give each request a sampler of its own")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     chat = {k: getattr(req, k) for k in CHAT_OPTIONS}
     knobs = any(getattr(req, k) != Request.__dataclass_fields__[k].default for k in _SAMPLING)
@@ -175,14 +196,17 @@ def prepare(ctx: Context, rid: int, req: Request, has_draft_model: bool = False)
             raise InvalidInputError("chat arguments (tools, response_format, ...) need messages=")
         tokens = render_prompt(ctx, req.prompt, None, req.template, req.add_special, req.parse_special)
         sampler = base
-    if sampler is not None and sampler._greedy:
-        sampler.close()  # a plain greedy sampler: the batched arg-max does the same
-        sampler = None
     if tokens.size >= ctx.n_ctx_seq:
         raise ContextOverflowError(f"the prompt has {tokens.size} tokens; the engine's context holds "
                                    f"{ctx.n_ctx_seq} per sequence (leave room to generate)")
     if req.n_keep >= ctx.n_ctx_seq // 2:
         raise InvalidInputError("n_keep must leave at least half of the context to shift")
+    # accepted: from here on the sampler is the request's (a refused request leaves it to its caller)
+    if sampler is not None and sampler._greedy:
+        sampler.close()  # a plain greedy sampler: the batched arg-max does the same
+        sampler = None
+    if sampler is not None:
+        sampler.take(rid)
     model_draft = has_draft_model and req.draft != "ngram"
     return RequestState(rid, req, np.ascontiguousarray(tokens, np.int32), sampler, stop, render, parser, ctx,
                         model_draft)

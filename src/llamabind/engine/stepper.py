@@ -67,11 +67,11 @@ class Step:
                     continue
             plain.append(s)
         if asks:
-            got = self.model.draft(asks, {r.slot for r in order}) if self.model is not None else [[] for _ in asks]
+            got = self._drafts(asks, order)
             for (s, _), d in zip(asks, got):
                 if d:
                     drafts.append((s, d))
-                else:
+                elif s.reason is None:
                     plain.append(s)
         rows = len(plain) + sum(len(d) + 1 for _, d in drafts)
         # Drafts ride only where they fit; on a sliding-window cache the whole batch must be one
@@ -131,6 +131,18 @@ class Step:
         self.batch.n_tokens = r
         self.n_rows = r
 
+    def _drafts(self, asks: list[tuple[RequestState, int]], order: list[RequestState]) -> list[list[int]]:
+        """The draft model's proposals; if it fails (say, its RPC server was lost), the requests
+        that asked end with its error and the others go on."""
+        if self.model is None:
+            return [[] for _ in asks]
+        try:
+            return self.model.draft(asks, {r.slot for r in order})
+        except Exception as e:
+            for s, _ in asks:
+                s.error, s.reason = e, "error"
+            return [[] for _ in asks]
+
     def decode(self) -> float:
         """Run the batch; seconds spent in llama_decode (the GIL is released meanwhile)."""
         t = time.perf_counter()
@@ -138,7 +150,12 @@ class Step:
         return time.perf_counter() - t
 
     def collect(self, now: float, events: list) -> None:
-        """Sample every request that has logits in this batch and emit its tokens."""
+        """Sample every request that has logits in this batch and emit its tokens.
+
+        Everything the engine itself reads from llama.cpp's logits (greedy picks, logprobs; rows
+        copied where a request's own sampler decides the token) is read first, before any user
+        sampler runs: after that the buffer is only read by llama.cpp's samplers.
+        """
         ctx = self.ctx
         nv = ctx.n_vocab
         n_out = ctx.n_outputs
@@ -152,44 +169,74 @@ class Step:
                 s.hist.append(s.pending)
                 s.n_pos += 1
                 emit(s, tok, logprob_of(logits[r], tok, s.top_n) if s.top_n >= 0 else None, now, events)
-        elif n:
-            for r, s in enumerate(plain):
-                s.hist.append(s.pending)
-                s.n_pos += 1
-                tok = int(logits[r].argmax()) if s.greedy else self._sample(s, r)
-                if tok >= 0:
-                    emit(s, tok, logprob_of(logits[r], tok, s.top_n) if s.top_n >= 0 else None, now, events)
-        for s, r0, d in self.drafted:
-            self._verify(s, r0, d, logits, now, events)
-        for s, take, row, o in self.prefill:
+            ready: list = []
+        else:
+            ready = [self._read(s, r, r, logits) for r, s in enumerate(plain)]
+        drafts = [(s, r0, d, self._read_draft(s, r0, d, logits)) for s, r0, d in self.drafted]
+        prefills = [(s, take, row, self._read(s, row, o, logits) if row >= 0 else None)
+                    for s, take, row, o in self.prefill]
+        # from here on, llama.cpp's buffer is read only by the requests' own samplers
+        for s, got in zip(plain, ready):
+            s.hist.append(s.pending)
+            s.n_pos += 1
+            self._emit_read(s, got, now, events)
+        for s, r0, d, got in drafts:
+            self._verify(s, r0, d, got, now, events)
+        for s, take, row, got in prefills:
             s.hist.extend(s.tokens[s.n_pos:s.n_pos + take].tolist())
             s.n_pos += take
-            if row < 0:
-                continue
-            s.t_prefill_end = now
-            tok = int(logits[o].argmax()) if s.greedy else self._sample(s, row)
-            if tok >= 0:
-                emit(s, tok, logprob_of(logits[o], tok, s.top_n) if s.top_n >= 0 else None, now, events)
+            if got is not None:
+                s.t_prefill_end = now
+                self._emit_read(s, got, now, events)
+
+    @staticmethod
+    def _read(s: RequestState, row: int, out: int, logits: np.ndarray) -> tuple:
+        """What request ``s`` needs of output ``out`` (batch row ``row``): a greedy pick and its
+        logprob, or the row to sample from and a copy for logprobs."""
+        if s.greedy:
+            tok = int(logits[out].argmax())
+            return row, tok, logprob_of(logits[out], tok, s.top_n) if s.top_n >= 0 else None
+        return row, -1, logits[out].copy() if s.top_n >= 0 else None
+
+    def _emit_read(self, s: RequestState, got: tuple, now: float, events: list) -> None:
+        row, tok, lp = got
+        if tok < 0:
+            tok = self._sample(s, row)
+            if tok < 0:
+                return
+            lp = logprob_of(lp, tok, s.top_n) if lp is not None else None
+        emit(s, tok, lp, now, events)
+
+    @staticmethod
+    def _read_draft(s: RequestState, r0: int, d: list[int], logits: np.ndarray) -> tuple:
+        """A drafted request's rows: the greedy picks up to the first disagreement with their
+        logprobs, or (for its own sampler) copies of the rows for logprobs."""
+        k = len(d)
+        if s.greedy:
+            toks: list[int] = []
+            for j, t in enumerate(logits[r0:r0 + k + 1].argmax(axis=1).tolist()):
+                toks.append(t)
+                if j == k or t != d[j]:
+                    break
+            lps = [logprob_of(logits[r0 + j], t, s.top_n) for j, t in enumerate(toks)] if s.top_n >= 0 else None
+            return toks, lps
+        return None, logits[r0:r0 + k + 1].copy() if s.top_n >= 0 else None
 
     def _sample(self, s: RequestState, row: int) -> int:
         """A request's own sampler on batch row ``row``; an exception ends that request only."""
         try:
-            return sample_fast(s.sampler, self.ctx.ptr, row, self.ctx.n_vocab)  # type: ignore[arg-type]
+            return sample_fast(s.sampler, self.ctx, row)  # type: ignore[arg-type]
         except Exception as e:  # a user's Python sampler, a grammar that rejects everything
             s.error, s.reason = e, "error"
             return -1
 
-    def _verify(self, s: RequestState, r0: int, d: list[int], logits: np.ndarray, now: float, events: list) -> None:
+    def _verify(self, s: RequestState, r0: int, d: list[int], got: tuple, now: float, events: list) -> None:
         """Accept the longest run of draft tokens that sampling agrees with, plus one sampled token;
         drop the rest from the KV cache."""
         k = len(d)
-        if s.greedy:
-            picks = logits[r0:r0 + k + 1].argmax(axis=1).tolist()
-            toks = []
-            for j, t in enumerate(picks):
-                toks.append(t)
-                if j == k or t != d[j]:
-                    break
+        toks, rows = got
+        if toks is not None:
+            lps = rows
         else:
             toks = []
             for j in range(k + 1):
@@ -199,6 +246,7 @@ class Step:
                 toks.append(t)
                 if j == k or t != d[j]:
                     break
+            lps = [logprob_of(rows[j], t, s.top_n) for j, t in enumerate(toks)] if rows is not None else None
         m = max(len(toks) - 1, 0)
         s.n_drafted += k
         s.n_accepted += m
@@ -208,8 +256,7 @@ class Step:
         if m < k:
             lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx.ptr), s.slot, s.n_pos, -1)
         for j, t in enumerate(toks):
-            lp = logprob_of(logits[r0 + j], t, s.top_n) if s.top_n >= 0 else None
-            if not emit(s, t, lp, now, events):
+            if not emit(s, t, lps[j] if lps is not None else None, now, events):
                 break
 
 

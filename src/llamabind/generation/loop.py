@@ -8,7 +8,7 @@ context's lease for the whole generation and its lock for each step.
 from __future__ import annotations
 
 import time
-from typing import Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .events import Cancel, DoneEvent, Timings, TokenEvent, Usage, itl_stats
 from .stop import StopMatcher
 
 _NO_PERF = PerfData(0.0, 0.0, 0.0, 0, 0, 0)
+Hold = Any  # ``ctx.hold(lease)``: re-enterable, one per generation
 
 
 class SeqState:
@@ -109,7 +110,7 @@ def _sample(ctx: Context, s: SeqState, cancel: Cancel | None, t0: float) -> Toke
     budget = s.budget
     forced = budget.forced() if budget is not None else None
     if forced is None:
-        tok = sample_fast(s.sampler, ctx.ptr, s.row, ctx.n_vocab)
+        tok = sample_fast(s.sampler, ctx, s.row)
     else:  # the reasoning budget is spent: its end-of-thinking tokens instead of sampling
         tok = forced
         s.sampler.accept(tok)
@@ -179,8 +180,8 @@ def _prefill_media(ctx: Context, seqs: list[SeqState], cancel: Cancel | None, t0
     return events
 
 
-def _prefill(ctx: Context, batch: Batch, todo: list[SeqState], seqs: list[SeqState], cancel: Cancel | None,
-             t0: float) -> Iterator[TokenEvent]:
+def _prefill(ctx: Context, hold: Hold, batch: Batch, todo: list[SeqState], seqs: list[SeqState],
+             cancel: Cancel | None, t0: float) -> Iterator[TokenEvent]:
     """The rest of every prompt, packed into batches of at most n_batch tokens; a sequence
     samples its first token right after the batch holding its last prompt token."""
     while todo:
@@ -195,7 +196,7 @@ def _prefill(ctx: Context, batch: Batch, todo: list[SeqState], seqs: list[SeqSta
             in_batch.append((s, take))
             room -= take
             s.row = rows.stop - 1
-        with ctx.hold():
+        with hold:
             try:
                 ctx.run(batch)
             except AbortedError:
@@ -211,7 +212,7 @@ def _prefill(ctx: Context, batch: Batch, todo: list[SeqState], seqs: list[SeqSta
         todo = [s for s in todo if s.n_pos < s.prompt.size and s.reason is None]
 
 
-def _decode_steps(ctx: Context, batch: Batch, seqs: list[SeqState], cancel: Cancel | None,
+def _decode_steps(ctx: Context, hold: Hold, batch: Batch, seqs: list[SeqState], cancel: Cancel | None,
                   t0: float) -> Iterator[TokenEvent]:
     """One batch per step holding the next token of every active sequence."""
     tok_arr, pos_arr = batch.token, batch.pos
@@ -230,7 +231,7 @@ def _decode_steps(ctx: Context, batch: Batch, seqs: list[SeqState], cancel: Canc
         for r, s in enumerate(active):
             tok_arr[r] = s.pending_token
             pos_arr[r] = s.n_pos
-        with ctx.hold():
+        with hold:
             try:
                 ctx.run(batch, all_outputs=True)
             except AbortedError:
@@ -267,20 +268,20 @@ def _done(s: SeqState, perf, error: BaseException | None) -> Iterator[TokenEvent
         message=message)
 
 
-def _steps(ctx: Context, seqs: list[SeqState], reuse_cache: bool, cancel: Cancel | None,
+def _steps(ctx: Context, hold: Hold, seqs: list[SeqState], reuse_cache: bool, cancel: Cancel | None,
            t0: float) -> Generator[TokenEvent, None, None]:
     """Every TokenEvent of a generation: media prefill, prompt prefill, then one batch per step."""
     batch = Batch(ctx.n_batch, 1)
     media = [s for s in seqs if s.prompt.size == 0]
     if media:
-        with ctx.hold():
+        with hold:
             events = _prefill_media(ctx, media, cancel, t0)
         yield from events
     todo = [s for s in seqs if s.prompt.size]
-    with ctx.hold():
+    with hold:
         _reuse_prefix(ctx, todo, reuse_cache)
-    yield from _prefill(ctx, batch, todo, seqs, cancel, t0)
-    yield from _decode_steps(ctx, batch, seqs, cancel, t0)
+    yield from _prefill(ctx, hold, batch, todo, seqs, cancel, t0)
+    yield from _decode_steps(ctx, hold, batch, seqs, cancel, t0)
 
 
 def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel | None,
@@ -293,13 +294,15 @@ def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel
     with each TokenEvent before it is yielded; an exception it raises is such a failure.
     """
     error: BaseException | None = None
-    with ctx.lease():
+    with ctx.lease() as lease:
+        hold = ctx.hold(lease)  # the generation's own way in, between the yields
         t0 = time.perf_counter()
-        steps = _steps(ctx, seqs, reuse_cache, cancel, t0)
+        steps = _steps(ctx, hold, seqs, reuse_cache, cancel, t0)
         try:
             if cancel is not None:
                 ctx.use_abort_flag(cancel.flag)
-            ctx.perf_reset()
+            with hold:
+                ctx.perf_reset()
             if on_token is None:
                 yield from steps
             else:
@@ -312,10 +315,12 @@ def run(ctx: Context, seqs: list[SeqState], *, reuse_cache: bool, cancel: Cancel
             steps.close()
             if cancel is not None and not ctx.closed:
                 ctx.restore_abort()
-        if error is not None and not ctx.closed:
-            with ctx.hold():
-                _drop_unfinished(ctx, seqs, "error")
-        perf = ctx.perf() if not ctx.closed else _NO_PERF
+        perf = _NO_PERF
+        if not ctx.closed:
+            with hold:
+                if error is not None:
+                    _drop_unfinished(ctx, seqs, "error")
+                perf = ctx.perf()
         done: list[DoneEvent] = []
         late: Exception | None = None  # the callback failing on the last flush: raised after the DoneEvents
         for s in seqs:

@@ -26,15 +26,15 @@ def next_logits(ctx: Context, prompt: Prompt | None = None, *, messages: Message
     ctx.check_seq(seq_id)
     tokens = render_prompt(ctx, prompt, messages, template, add_special, parse_special, chat=chat)
     _check_fit(ctx, tokens)
-    with ctx.lease():
-        with ctx.hold():
+    with ctx.lease() as lease:
+        with ctx.hold(lease):
             pos = keep_prefix(ctx, seq_id, tokens, reuse_cache)
         batch = Batch(min(ctx.n_batch, int(tokens.size - pos)), 1)
         while pos < tokens.size:
             part = tokens[pos:pos + batch.capacity]
             batch.clear()
             batch.add(part, pos, seq_id, logits="last" if pos + part.size == tokens.size else False)
-            with ctx.hold():
+            with ctx.hold(lease):
                 try:
                     ctx.run(batch)
                 except BaseException:
@@ -43,7 +43,8 @@ def next_logits(ctx: Context, prompt: Prompt | None = None, *, messages: Message
                     raise
                 ctx.tokens.extend(seq_id, part)
             pos += part.size
-        return ctx.logits(-1)
+        with ctx.hold(lease):
+            return ctx.logits(-1)
 
 
 def choice_tokens(ctx: Context, choices: Sequence[str | int]) -> np.ndarray:

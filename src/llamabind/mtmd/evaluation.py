@@ -54,7 +54,7 @@ def eval_chunks(ctx: Context, chunks: Chunks, n_past: int = 0, seq_id: int = 0, 
     """
     n_batch = ctx.n_batch if n_batch is None else int(n_batch)
     _check_eval(ctx, chunks, n_past, seq_id, n_batch)
-    with ctx.lease():  # a generation running on this context is refused (BusyError)
+    with ctx.lease() as lease, ctx.hold(lease):  # a generation running on this context is refused (BusyError)
         return _eval(ctx, chunks, n_past, seq_id, n_batch, logits_last, cancel)
 
 
@@ -70,10 +70,12 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
         ctx.abort_flag_clear()
         if cancel is not None:
             ctx.use_abort_flag(cancel.flag)
+        ctx._gate.calling_c(True)
         try:
             rc = lib.mtmd_helper_eval_chunks(mctx.ptr, cptr, chunks.ptr, n_past, seq_id, n_batch,
                                              bool(logits_last), new_n_past)
         finally:
+            ctx._gate.calling_c(False)
             if cancel is not None:
                 ctx.restore_abort()
         ctx.check_remote()
