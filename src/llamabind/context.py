@@ -174,6 +174,11 @@ class Context(ContextState, Aborts, Handle):
         """End ``owner``'s claim (nothing if it holds none)."""
         self._gate.release(owner)
 
+    @property
+    def closing(self) -> bool:
+        """Whether ``close()`` has begun (a decode running now is being aborted for it)."""
+        return self._gate.closing
+
     def close(self) -> None:
         """Free the context; a decode running in another thread is aborted and waited for
         (BusyError from inside a callback that the decode runs)."""

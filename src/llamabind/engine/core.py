@@ -122,9 +122,11 @@ class Engine:
 
     def _check_open(self) -> None:
         if self._error is not None:
-            raise ClosedError(f"the engine failed ({self._error!r}) and is closed") from self._error
+            raise ClosedError(f"the engine failed ({self._error}) and is closed") from self._error
         if self._closed:
             raise ClosedError("the engine is closed")
+        if self.ctx.closing:
+            raise ClosedError("the engine's context is closed")
 
     def prepare(self, request: Request | None = None, **options: Any) -> RequestState:
         """Check and render a request (no lock held: other threads submit and step meanwhile);
@@ -201,12 +203,12 @@ class Engine:
                     if not self._make_room(e, events):
                         break
                     continue
-                except AbortedError:  # ctx.abort(), or an abort callback that said so
-                    self._end_all("cancelled", None, events)
+                except AbortedError:
+                    if ctx.closing:  # close() from another thread aborted it: the engine goes with its context
+                        self._fail(ClosedError("the engine's context was closed"), events)
+                    else:  # ctx.abort(), or an abort callback that said so
+                        self._end_all("cancelled", None, events)
                     break
-                except ClosedError as e:  # the context is gone: so is the engine
-                    self._fail(e, events)
-                    raise
                 except Exception as e:  # a failed decode, a lost RPC server, an abort callback that raised
                     self._end_all("error", e, events)
                     break
