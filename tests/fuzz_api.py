@@ -78,6 +78,10 @@ TAGS = {
     "batch_dtype": "re-typing a Batch array in place (arr.dtype = ...) so the checks and C see different values",
     "chat": "apply_chat_template with odd messages / templates",
     "sampler_odd": "Sampler constructors with hostile parameters",
+    "gate_thread": "memory, state, setters, sampling, decode and close from a second thread while a decode runs",
+    "gate_reenter": "the same calls from inside the context's abort callback or a Python sampler",
+    "gate_steps": "the same calls between two steps of a generation, in its own thread",
+    "gate_engine": "the same calls while an EngineThread drives the context, with an abort callback that raises",
 }
 
 # Executed at the start of every example (and of --replay): helpers the logged code uses.
@@ -255,11 +259,116 @@ def share_sampler(model, sampler, n_threads, rounds):
             raise e
     return [repr(e) for e in errors]
 
+MUTATIONS = {
+    "causal": lambda c: c.set_causal_attn(False),
+    "seq_rm": lambda c: c.memory.seq_rm(0),
+    "seq_cp": lambda c: c.memory.seq_cp(0, c.n_seq_max - 1),
+    "clear": lambda c: c.memory.clear(),
+    "state": lambda c: c.state_save(),
+    "threads": lambda c: c.set_threads(1),
+    "decode": lambda c: c.decode(fresh_batch(c, 2)),
+    "logits": lambda c: c.logits(-1),
+    "sample": lambda c: lb.Sampler.chain(lb.Sampler.top_k(3), lb.Sampler.dist(1)).sample(c),
+    "close": lambda c: c.close(),
+    "model_close": lambda c: c.model.close(),
+}
+
+def mutate_during_decode(ctx, op, delay):
+    """Decode in a thread (slowed by an abort callback); ``op`` from this thread meanwhile."""
+    errors = []
+    b = fresh_batch(ctx, 16)
+    ctx.set_abort_callback(lambda: time.sleep(0.0002) or False)
+    def work():
+        try:
+            ctx.decode(b)
+        except BaseException as e:
+            errors.append(e)
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(delay)
+    try:
+        MUTATIONS[op](ctx)
+    except OK_ERRORS:
+        pass
+    t.join(60)
+    assert not t.is_alive(), "decode thread hung"
+    for e in errors:
+        if not isinstance(e, OK_ERRORS):
+            raise e
+
+def reenter_from_callback(ctx, op, where):
+    """``op`` from inside a callback that llama.cpp runs on the context (abort callback, Python sampler)."""
+    try:
+        if where == "abort":
+            ctx.set_abort_callback(lambda: MUTATIONS[op](ctx) or False)
+            ctx.decode(fresh_batch(ctx, 2))
+        else:
+            class Reenter(lb.PySampler):
+                def apply(self, cur): MUTATIONS[op](ctx)
+            ctx.decode(fresh_batch(ctx, 2))
+            lb.Sampler.chain(Reenter().as_sampler(), lb.Sampler.greedy()).sample(ctx)
+    finally:
+        if not ctx.closed:
+            ctx.set_abort_callback(None)
+
+def mutate_between_steps(ctx, op, k):
+    """``op`` between two steps of a generation, in the generation's own thread."""
+    g = lb.generate_many(ctx, ["hello", "world"], max_tokens=8)
+    for _ in range(k):
+        next(g, None)
+    try:
+        MUTATIONS[op](ctx)
+    except OK_ERRORS:
+        pass
+    return [type(ev).__name__ for ev in g]
+
+def engine_under_fire(ctx, op, delay, raising_abort):
+    """An EngineThread on ``ctx`` with two requests; ``op`` from this thread meanwhile; an abort
+    callback that raises once. Every request must end (a DoneEvent), whatever happens."""
+    eng = lb.Engine(ctx)
+    if raising_abort:
+        calls = []
+        def cb():
+            calls.append(1)
+            if len(calls) == 2:
+                raise Boom("abort callback")
+            return False
+        ctx.set_abort_callback(cb)
+    with lb.EngineThread(eng) as et:
+        hs = [et.submit(prompt=p, max_tokens=12) for p in ("hello there", "x " * 20)]
+        time.sleep(delay)
+        try:
+            MUTATIONS[op](ctx)
+        except OK_ERRORS:
+            pass
+        ends = [h.result().finish_reason for h in hs]
+    return ends
+
+def getters_while_closing(model, delay):
+    """Model and vocab getters in a thread while this thread closes the model."""
+    v = model.vocab
+    def work():
+        try:
+            while True:
+                model.metadata; model.n_embd; model.description; v.is_eog(1); v.eos; v.tokenize("ab cd")
+        except lb.ClosedError:
+            pass
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(delay)
+    model.close()
+    t.join(60)
+    assert not t.is_alive(), "getter thread hung"
+
 def abort_during_generate(ctx, prompt, delay):
     c = lb.Cancel()
     threading.Timer(delay, c.set).start()
     return lb.complete(ctx, prompt, max_tokens=32, cancel=c)
 '''
+
+
+# the names of the preamble's MUTATIONS, for the rules that pick one
+MUTATION_OPS = tuple(sorted(re.findall(r'^    "(\w+)": lambda c:', PREAMBLE, re.M)))
 
 
 class Finding(Exception):
@@ -921,6 +1030,30 @@ class ApiMachine(RuleBasedStateMachine):
     @rule(c=contexts, n=st.sampled_from([4, 16]), k=st.sampled_from([2, 3]))
     def decode_threads(self, c, n, k):
         self.run(f"decode_in_threads({c}, {n}, {k})")
+
+    @rule(c=contexts, op=st.sampled_from(MUTATION_OPS), delay=st.sampled_from([0.0, 0.001, 0.005]))
+    def mutate_thread(self, c, op, delay):
+        self.run(f"mutate_during_decode({c}, {op!r}, {delay})", tag="gate_thread")
+
+    @rule(c=contexts, op=st.sampled_from(MUTATION_OPS), where=st.sampled_from(["abort", "sampler"]))
+    def reenter(self, c, op, where):
+        self.run(f"reenter_from_callback({c}, {op!r}, {where!r})", tag="gate_reenter")
+
+    @rule(c=contexts, op=st.sampled_from(MUTATION_OPS), k=st.sampled_from([1, 3]))
+    def between_steps(self, c, op, k):
+        self.run(f"_ = mutate_between_steps({c}, {op!r}, {k})",
+                 tag="noncausal_gen" if c in self.noncausal else "gate_steps")
+
+    @rule(c=contexts, op=st.sampled_from(MUTATION_OPS), delay=st.sampled_from([0.0, 0.002, 0.02]),
+          raising=st.booleans())
+    def engine_fire(self, c, op, delay, raising):
+        self.run(f"_ = engine_under_fire({c}, {op!r}, {delay}, {raising})",
+                 tag="noncausal_gen" if c in self.noncausal else "gate_engine")
+
+    @rule(m=models, delay=st.sampled_from([0.0, 0.001, 0.01]), rare=st.integers(0, 9))
+    def getters_close(self, m, delay, rare):
+        if rare == 0:  # it closes the model: rarely, or nothing else runs
+            self.run(f"getters_while_closing({m}, {delay})", tag="close_thread")
 
     # -- embedder -------------------------------------------------------------------------------
     @rule(target=embedders, m=models, pooling=st.sampled_from([None, "mean", "cls", "last", "none", "rank", "bogus"]),

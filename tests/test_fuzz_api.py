@@ -61,7 +61,7 @@ def test_random_api_call_sequences_do_not_crash(tmp_path):
            "--log", str(log), "--workdir", str(tmp_path)]
     if os.environ.get("LLAMABIND_FUZZ_AVOID"):
         cmd += ["--avoid", os.environ["LLAMABIND_FUZZ_AVOID"]]
-    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", MALLOC_PERTURB_="165")  # freed memory poisoned: a stale read shows
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
     out = proc.stdout + proc.stderr
     if proc.returncode < 0:
