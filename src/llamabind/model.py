@@ -179,7 +179,8 @@ class Model(Handle):
         # No new users, contexts or adapters from here on; those inside (a tokenizer, a context
         # being created) finish first. A decode loop that then needs the model gets ClosedError.
         self._gate.shut()
-        for child in list(self._children):
+        # contexts first: an adapter closed before them would have to leave contexts an engine drives
+        for child in sorted(self._children, key=lambda c: isinstance(c, LoraAdapter)):
             child.close()
         super().close()
 
