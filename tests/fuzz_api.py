@@ -325,7 +325,6 @@ def mutate_between_steps(ctx, op, k):
 def engine_under_fire(ctx, op, delay, raising_abort):
     """An EngineThread on ``ctx`` with two requests; ``op`` from this thread meanwhile; an abort
     callback that raises once. Every request must end (a DoneEvent), whatever happens."""
-    eng = lb.Engine(ctx)
     if raising_abort:
         calls = []
         def cb():
@@ -334,6 +333,7 @@ def engine_under_fire(ctx, op, delay, raising_abort):
                 raise Boom("abort callback")
             return False
         ctx.set_abort_callback(cb)
+    eng = lb.Engine(ctx)
     with lb.EngineThread(eng) as et:
         hs = [et.submit(prompt=p, max_tokens=12) for p in ("hello there", "x " * 20)]
         time.sleep(delay)

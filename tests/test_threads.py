@@ -126,7 +126,6 @@ CASES = {
     # 8. an abort callback that raises, on an engine's context: the request ends as an error with its
     #    cause, and the engine goes on (it ended as "cancelled", and the engine closed for good)
     "engine_abort_callback_raises": """
-        eng = lb.Engine(ctx)
         calls = []
         def boom():
             calls.append(1)
@@ -134,6 +133,8 @@ CASES = {
                 raise RuntimeError("callback failed")
             return False
         ctx.set_abort_callback(boom)
+        eng = lb.Engine(ctx)
+        refused(lambda: ctx.set_abort_callback(None), BusyError, "driven by")  # the engine's context now
         with lb.EngineThread(eng) as et:
             done = et.complete(prompt="hello", max_tokens=4)
             assert done.finish_reason == "error" and isinstance(done.error, RuntimeError), done

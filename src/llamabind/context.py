@@ -131,6 +131,7 @@ class Context(ContextState, Aborts, Handle):
         self.n_ctx_seq: int = lib.llama_n_ctx_seq(ptr)
         self.n_vocab: int = model.vocab.n_tokens
         self.embeddings_enabled = bool(embeddings)
+        self._one_ubatch = not lib.llama_get_causal_attn(ptr) or not model.has_decoder  # see _check_fits
 
     @property
     def memory(self) -> Memory:
@@ -217,12 +218,19 @@ class Context(ContextState, Aborts, Handle):
     def set_causal_attn(self, causal: bool) -> None:
         with self.hold():
             lib.llama_set_causal_attn(self.ptr, causal)
+            self._one_ubatch = not causal or not self.model.has_decoder
 
     @property
     def causal_attn(self) -> bool:
         """Whether decodes use causal attention (non-causal batches must fit in one ubatch)."""
         with self.hold():
             return bool(lib.llama_get_causal_attn(self.ptr))
+
+    def _check_fits(self, n: int, encode: bool) -> None:
+        """llama.cpp aborts on an encoder or non-causal batch larger than one ubatch."""
+        if (encode or self._one_ubatch) and n > self.n_ubatch:
+            raise InvalidInputError(f"a batch for {'llama_encode' if encode else 'non-causal attention'} must fit "
+                                    f"in one ubatch: {n} tokens > n_ubatch={self.n_ubatch}")
 
     def set_loras(self, adapters: Mapping[LoraAdapter, float]) -> None:
         """Apply LoRA adapters with scales (an empty mapping removes all); the context keeps them alive."""
@@ -257,9 +265,7 @@ class Context(ContextState, Aborts, Handle):
             raise InvalidInputError("empty batch")
         if n > self.n_batch:
             raise InvalidInputError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
-        if (encode or not self.model.has_decoder or not self.causal_attn) and n > self.n_ubatch:
-            raise InvalidInputError(f"a batch for {'llama_encode' if encode else 'non-causal attention'} must fit "
-                                    f"in one ubatch: {n} tokens > n_ubatch={self.n_ubatch}")
+        self._check_fits(n, encode)
         batch.validate(self.n_vocab, self.n_seq_max, self.model.n_embd)
 
     def decode(self, batch: Batch) -> None:
@@ -288,6 +294,7 @@ class Context(ContextState, Aborts, Handle):
         gate = self._gate
         with gate:
             ptr = self.ptr
+            self._check_fits(batch.n_tokens, encode)  # whoever built the batch: causal attention may have changed
             self._abort_flag[0] = 0
             if gate.closing:  # close() set the flag before the clear above: do not start
                 raise ClosedError("this context is being closed")

@@ -87,6 +87,12 @@ class Engine:
         self._stepper = Step(ctx, Batch(ctx.n_batch, 1))
         self._stepper.ready = self._ready
         self._draft = self._stepper.model = DraftModel(ctx, draft_model) if draft_model is not None else None
+        try:
+            ctx.claim(self)  # from now on only the engine uses the context (causal attention stays as checked)
+        except BaseException:
+            if self._draft is not None:
+                self._draft.close()
+            raise
         self._order: list[RequestState] = []  # running requests, in admission order
         self._full = False  # the KV cache ran out: admit nothing until a running request ends
         self._n_deadlines = 0  # requests with a deadline, queued or running
