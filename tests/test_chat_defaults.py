@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +68,31 @@ def test_without_a_recommendation_the_default_is_greedy(tiny_model_path):
     sampled = cli("generate", "-m", tiny_model_path, "-p", "hello world", "-n", "12", "--json", "--temp", "5",
                   "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", "1")
     assert sampled.returncode == 0 and ids(sampled.stdout) != tokens[0]
+
+
+def test_the_serving_example_answers_at_temperature_0(chat_model_path):
+    """examples/aprender_serve.py on the default chat model: a chat without a system message answers
+    (the template's own system message made it say "L'Etoile, la Marseillaise, ...")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parent.parent / "examples" / "aprender_serve.py"
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PORT": str(port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    body = json.dumps({"model": Path(chat_model_path).stem, "temperature": 0, "max_tokens": 32,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            with contextlib.suppress(urllib.error.URLError, ConnectionError):
+                urllib.request.urlopen(base + "/health", timeout=5).close()
+                break
+            time.sleep(0.1)
+        req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
+    finally:
+        proc.terminate()
+        proc.wait(30)
