@@ -51,3 +51,12 @@ def test_readme_and_cli_docs_name_every_command():
     cli_doc = (REPO / "docs" / "cli.md").read_text()
     documented = set(re.findall(r"^## `(\w+)`", cli_doc, re.M))
     assert documented == names, documented ^ names
+
+
+def test_model_help_names_the_model_each_command_uses():
+    """chat and serve run the chat model without -m, embed the embedding model: none says gemma3-270m."""
+    for name, p in subcommands().items():
+        models = [a for a in p._actions if "--model" in a.option_strings]
+        assert models or name == "info"
+        for m in models:
+            assert ("gemma3-270m" in m.help) == (name in ("generate", "bench")), f"{name}: {m.help}"

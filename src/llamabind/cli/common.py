@@ -11,8 +11,9 @@ from dataclasses import asdict
 
 def model_args(p: argparse.ArgumentParser, *, required: bool = False, what: str = "GGUF model",
                ctx_size: int | None = 4096, ctx_help: str = "context size in tokens",
-               default: str = "gemma3-270m from llamabind[model]") -> None:
-    """-m/-t/-c/-ngl/-v, the same for every subcommand that loads a model."""
+               default: str = "this command's default model: docs/cli.md") -> None:
+    """-m/-t/-c/-ngl/-v, the same for every subcommand that loads a model; ``default`` names the
+    model used without -m."""
     p.add_argument("-m", "--model", required=required,
                    help=what + ("" if required else f" (default: {default})"))
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Continue a prompt and stream the text to stdout (a summary line with "
                                    "token counts and speeds goes to stderr); with --mmproj, about images and audio.")
-    model_args(p)
+    model_args(p, default="gemma3-270m from llamabind[model]")
     sampling_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the text to continue (used as is, no chat template)")
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
