@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 
 def model_args(p: argparse.ArgumentParser, *, required: bool = False, what: str = "GGUF model",
-               ctx_size: int | None = 4096, ctx_help: str = "context size in tokens",
+               ctx_size: int | None = 4096, ctx_help: str = "context size in tokens (default: 4096)",
                default: str = "this command's default model: docs/cli.md") -> None:
     """-m/-t/-c/-ngl/-v, the same for every subcommand that loads a model; ``default`` names the
     model used without -m."""
@@ -54,7 +54,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     for name, what in knobs.items():
         key, kind, default = SAMPLING[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"{what} (default: the model's {key}, else {default})")
+                       help=f"{what} (default: the model's {key}, else {default:g})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--grammar-file", help="constrain output with a GBNF grammar file")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
