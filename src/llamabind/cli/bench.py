@@ -6,12 +6,17 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="llamabind vs native llama.cpp, side by side")
+    p = sub.add_parser("bench", help="llamabind vs native llama.cpp, side by side",
+                       description="Prompt processing (pp) and generation (tg) speed of llamabind's decode loop "
+                                   "against llama-bench from the same llama.cpp tree, alternating, the ratio "
+                                   "taken per pair; optionally several sequences at once, the per-token "
+                                   "overhead on a tiny model, and embedding throughput.")
     p.add_argument("-m", "--model", help="GGUF model (default: gemma3-270m from llamabind[model])")
-    p.add_argument("-p", "--n-prompt", type=int, default=512)
-    p.add_argument("-n", "--n-gen", type=int, default=128)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("-r", "--repetitions", type=int, default=5)
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for the pp test (default: 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens generated for the tg test (default: 128)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("-r", "--repetitions", type=int, default=5,
+                   help="repetitions of each test, llamabind and native alternating (default: 5)")
     p.add_argument("--native", help="llama-bench binary or its directory (default: $LLAMABIND_TOOLS_DIR)")
     p.add_argument("--parallel", default="", help="sequence counts, e.g. 1,2,4,8")
     p.add_argument("--overhead-model", help="tiny GGUF for the per-token overhead row")

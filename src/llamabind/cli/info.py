@@ -6,8 +6,10 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="version, llama.cpp build, accelerator, devices")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="version, llama.cpp build, accelerator, devices",
+                       description="What this install is: llamabind's version, the pinned llama.cpp build, "
+                                   "the accelerator it was built for, and the ggml backends and devices found now.")
+    p.add_argument("--json", action="store_true", help="the same as one JSON object")
     p.set_defaults(fn=run, verbose=0)
 
 

@@ -13,6 +13,7 @@ from ..context import Context
 from ..errors import ContextOverflowError, InvalidInputError
 from ..model import Model
 from ..raw import ffi, lib
+from .convert import default_embedding_model_path
 from .facts import Embeddings, RerankResult, _check_texts, _pooling_id, is_reranker
 from .normalize import _NO_RERANKER, _POOLING_NAMES, Normalize, _norm_mode, _normalize
 
@@ -22,17 +23,20 @@ class Embedder:
     """Embeddings (and rerank scores) from a model, over a context in embedding mode.
 
     ``source`` is a Model (a context is made and owned: unified KV cache, ``n_seq_max``
-    sequences per batch), a GGUF path (the model is loaded and owned too), or an existing
-    Context created with ``embeddings=True`` (used as it is). ``pooling``: ``none``,
+    sequences per batch), a GGUF path (the model is loaded and owned too), an existing
+    Context created with ``embeddings=True`` (used as it is), or None: the default model,
+    all-MiniLM-L6-v2 (``convert.default_embedding_model_path``). ``pooling``: ``none``,
     ``mean``, ``cls``, ``last``, ``rank`` or None for the model's default. Extra keyword
     arguments go to Context (``flash_attn``, ``type_k``, ...) or, for a path, to Model.
     """
 
-    def __init__(self, source: Model | Context | str | os.PathLike, *, pooling: str | int | None = None,
+    def __init__(self, source: Model | Context | str | os.PathLike | None = None, *, pooling: str | int | None = None,
                  n_ctx: int | None = None, n_batch: int | None = None, n_seq_max: int | None = None,
                  n_threads: int | None = None, query_prefix: str = "", document_prefix: str = "",
                  parse_special: bool = False, **params: Any) -> None:
         self._own_model = self._own_ctx = False
+        if source is None:
+            source = default_embedding_model_path()
         if isinstance(source, (str, os.PathLike)):
             model_keys = ("n_gpu_layers", "main_gpu", "split_mode", "use_mmap", "use_mlock", "sha256", "check")
             source = Model(source, **{k: params.pop(k) for k in model_keys if k in params})
