@@ -220,3 +220,60 @@ def test_engine_at_64_sequences_on_the_gpu(need_cuda_device, tiny_model_path):
     assert all(len(done[rid].tokens) == 16 for rid in ids)
     assert same >= 60, f"{same}/64 requests equal their single-sequence greedy tokens"
 
+
+# -- which GPU architectures a CUDA build compiles ------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from build_backend import accelerator  # noqa: E402
+
+
+@pytest.fixture()
+def fake_smi(tmp_path, monkeypatch):
+    """Put an ``nvidia-smi`` that prints ``out`` and exits with ``rc`` first on PATH."""
+
+    def make(out: str, rc: int = 0) -> None:
+        smi = tmp_path / "bin" / "nvidia-smi"
+        smi.parent.mkdir(exist_ok=True)
+        smi.write_text(f"#!/bin/sh\ncat <<'EOF'\n{out}\nEOF\nexit {rc}\n")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+
+    return make
+
+
+def test_a_build_for_this_machine_compiles_for_its_gpus(fake_smi, tmp_path):
+    fake_smi("NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\nNVIDIA RTX PRO 6000, 12.0")
+    archs, why = accelerator.select_cuda_architectures(None, portable=False, driver_dir=str(tmp_path / "none"))
+    assert archs == "90;120" and "NVIDIA H100 80GB HBM3" in why
+    assert accelerator.select_cuda_architectures("89", portable=False)[0] == "89"  # a setting wins
+    assert accelerator.select_cuda_architectures("86,90", portable=True)[0] == "86;90"
+    assert accelerator.select_cuda_architectures(None, portable=True)[0] == accelerator.CUDA_ARCHITECTURES
+
+
+def test_without_a_named_gpu_native_or_the_wheel_list(fake_smi, tmp_path):
+    """nvidia-smi fails (no driver): CMake's native detection where the kernel lists GPUs, else the
+    wheel list, saying how to build for one GPU."""
+    fake_smi("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", rc=9)
+    gpus = tmp_path / "gpus"
+    assert accelerator.select_cuda_architectures(None, False, driver_dir=str(gpus))[0] == accelerator.CUDA_ARCHITECTURES
+    assert "cuda-architectures=" in accelerator.select_cuda_architectures(None, False, driver_dir=str(gpus))[1]
+    (gpus / "0000:01:00.0").mkdir(parents=True)
+    assert accelerator.select_cuda_architectures(None, False, driver_dir=str(gpus))[0] == "native"
+
+
+def test_the_build_estimate_scales_with_architectures_and_cores():
+    assert accelerator.build_estimate("90", cores=16) == "1 architecture on 16 cores: roughly 5-11 min"
+    assert accelerator.build_estimate("86;89;90", cores=2) == "3 architectures on 2 cores: roughly 120-270 min"
+
+
+def test_a_cuda_build_prints_what_it_compiles(fake_smi, tmp_path):
+    """The backend's own output before anything compiles: architectures, why, and the estimate (the
+    build then stops at its compiler check: CC names no compiler)."""
+    fake_smi("NVIDIA H100 80GB HBM3, 9.0")
+    code = "import os, build_backend as b; b.build_wheel(os.sys.argv[1], {'accelerator': 'cuda'})"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CC": str(tmp_path / "no-cc"), "CMAKE_BUILD_PARALLEL_LEVEL": "16"})
+    assert out.returncode != 0
+    assert ("llamabind build: CUDA for architectures 90, the GPU present (NVIDIA H100 80GB HBM3); "
+            "1 architecture on 16 cores: roughly 5-11 min") in out.stderr, out.stderr[-2000:]
