@@ -204,22 +204,33 @@ def test_embeddings_on_the_gpu_match_the_cpu(need_cuda_device, tiny_model_path):
     assert cos.min() > 0.999, cos
 
 
+def greedy_within(model: lb.Model, prompt: np.ndarray, out: list[int], tol: float) -> None:
+    """Every token of ``out`` is the arg-max, up to ``tol``, of a one-sequence recomputation."""
+    seq = np.concatenate([prompt, np.asarray(out[:-1], np.int32)])
+    with lb.Context(model, n_ctx=512, n_batch=512) as ref:
+        batch = lb.Batch(seq.size)
+        batch.add(seq, 0, 0, logits="all")
+        ref.decode(batch)
+        for k, tok in enumerate(out):
+            row = ref.logits(prompt.size - 1 + k)
+            assert row[tok] >= row.max() - tol, (k, tok, int(row.argmax()), float(row.max() - row[tok]))
+
+
 @pytest.mark.cuda
 def test_engine_at_64_sequences_on_the_gpu(need_cuda_device, tiny_model_path):
-    """64 requests decoded together on the GPU: each finishes with its tokens, and they are the greedy
-    tokens of the same prompt decoded alone, up to near-ties (the GPU's kernels differ by batch size)."""
+    """64 requests decoded together on the GPU: each gets its 16 tokens, each the greedy choice of a
+    one-sequence recomputation up to near-ties (kernels differ by batch size: on the CPU 2 of 64
+    requests of this model part from their single-sequence run at a tie within 1e-3)."""
     prompts = [f"request {i}: hello world" for i in range(64)]
     with lb.Model(tiny_model_path, n_gpu_layers=-1) as model:
-        alone = [greedy(model, p, 16) for p in prompts]
         with lb.Engine.load(model, n_slots=64, n_ctx=64 * 64) as eng:
             ids = [eng.submit(prompt=p, max_tokens=16, ignore_eog=True) for p in prompts]
             done = {ev.index: ev for ev in eng.run() if isinstance(ev, lb.DoneEvent)}
             assert eng.metrics().mean_batch > 32
-    assert sorted(done) == sorted(ids)
-    same = sum(done[rid].tokens == want for rid, want in zip(ids, alone))
-    assert all(len(done[rid].tokens) == 16 for rid in ids)
-    assert same >= 60, f"{same}/64 requests equal their single-sequence greedy tokens"
-
+        assert sorted(done) == sorted(ids)
+        for rid, p in zip(ids, prompts):
+            assert len(done[rid].tokens) == 16
+            greedy_within(model, model.vocab.tokenize(p), done[rid].tokens, tol=1e-3)
 
 # -- which GPU architectures a CUDA build compiles ------------------------------------------------
 
