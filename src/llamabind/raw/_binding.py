@@ -66,7 +66,7 @@ def _preload_cuda(major: int) -> list[str]:
     loaded = []
     for soname in (name.format(major) for name in _CUDA_LIBS):
         try:
-            ctypes.CDLL(soname, mode=os.RTLD_NOLOAD)
+            ctypes.CDLL(soname, mode=os.RTLD_NOW | os.RTLD_NOLOAD)
             continue  # already in the process: the extension binds to that copy
         except OSError:
             pass
@@ -76,7 +76,7 @@ def _preload_cuda(major: int) -> list[str]:
                 os.path.join(root, d, "lib") for d in ("cuda_runtime", "cublas")]
             path = next((os.path.join(d, soname) for d in dirs if os.path.isfile(os.path.join(d, soname))), None)
             if path is not None:
-                ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+                ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
                 loaded.append(path)
                 break
     return loaded
