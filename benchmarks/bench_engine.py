@@ -84,8 +84,8 @@ sys.exit(rc)
 
 
 def native_static(tool: Path, model_path: str, b: int, pp: int, tg: int, threads: int, ngl: int) -> dict:
-    args = ["-m", model_path, "-ngl", native_ngl(ngl), "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512", "-npp", str(pp),
-            "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu", "--output-format", "jsonl"]
+    args = ["-m", model_path, "-ngl", native_ngl(ngl), "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512",
+            "-npp", str(pp), "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu", "--output-format", "jsonl"]
     out = subprocess.run([sys.executable, "-c", _NATIVE_RUNNER, str(tool.parent), *args],
                          capture_output=True, text=True, timeout=1800)
     for line in out.stdout.splitlines():

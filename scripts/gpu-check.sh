@@ -78,7 +78,7 @@ if [ "$BUILD" = 1 ]; then
 else
   TOOLS=${TOOLS:-$OUT/build/bin}
 fi
-"$PY" -c "import llamabind as lb; print('llamabind', lb.__version__, lb.system_info().accelerator, [d.name for d in lb.system.devices()])"
+"$PY" -c "import llamabind as lb; i = lb.system_info(); print('llamabind', i.version, i.accelerator, [d.name for d in i.devices])"
 
 phase "import matrix: which import crashes, and under what (issue 23)"
 timeout 600 "$PY" scripts/gpu_check_imports.py "$OUT" | tee "$OUT/imports.md"

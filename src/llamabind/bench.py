@@ -171,7 +171,8 @@ def native_embed_once(tool: str, model: str, texts: list[str], threads: int,
     its ``llama_perf_context_print`` line, i.e. every batch plus formatting the output.
     """
     cmd = [tool, "-m", model, "-p", SEP.join(texts), "--embd-separator", SEP, "--no-escape", "-t", str(threads),
-           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", native_ngl(n_gpu_layers),
+           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch),
+           "-ngl", native_ngl(n_gpu_layers),
            "--embd-output-format", "array", "-lv", "4", "--perf", "--log-timestamps"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)

@@ -53,7 +53,8 @@ class FitReport:
     def __str__(self) -> str:
         lines = [f"fit: {self.status}: n_gpu_layers={self.n_gpu_layers}, n_ctx={self.n_ctx} ({self.reason})"]
         lines += [f"  {d.name} ({d.description}): {d.model_mib:.0f} MiB model + {d.context_mib:.0f} context + "
-                  f"{d.compute_mib:.0f} compute of {d.free_mib:.0f} free / {d.total_mib:.0f} total" for d in self.devices]
+                  f"{d.compute_mib:.0f} compute of {d.free_mib:.0f} free / {d.total_mib:.0f} total"
+                  for d in self.devices]
         return "\n".join(lines)
 
 
