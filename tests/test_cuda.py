@@ -92,6 +92,16 @@ def test_preload_keeps_a_copy_already_loaded(tmp_path):
     assert got["loaded"] == [str(lib / "libcublasLt.so.13"), str(lib / "libcublas.so.13")]
 
 
+def test_a_missing_driver_or_runtime_is_named():
+    """The loader's message decides what the ImportError asks for: the driver, or the runtime wheels."""
+    from llamabind.raw import _binding
+
+    driver = _binding._cuda_load_error(ImportError("libcuda.so.1: cannot open shared object file"), 13)
+    assert "NVIDIA's driver" in str(driver) and "pip install llamabind" in str(driver)
+    runtime = _binding._cuda_load_error(ImportError("libcublas.so.13: cannot open shared object file"), 13)
+    assert "pip install nvidia-cuda-runtime==13.* nvidia-cublas==13.*" in str(runtime)
+
+
 IMPORT_PROBE = """
 import json
 {imports}

@@ -95,12 +95,21 @@ def _load_extension():
     except ImportError as e:
         if not cuda or not re.search(r"lib(cudart|cublas|cublasLt|cuda)\.so", str(e)):
             raise
-        want = f"=={major}.*" if major else ""
-        raise ImportError(f"llamabind-cuda cannot load CUDA ({e}). Install NVIDIA's runtime wheels "
-                          f"(pip install nvidia-cuda-runtime{want} nvidia-cublas{want}) or the CUDA "
-                          f"{major or ''} toolkit system-wide; running on a GPU also needs NVIDIA's driver "
-                          f"(libcuda.so.1).") from e
+        raise _cuda_load_error(e, major) from e
     return extension
+
+
+def _cuda_load_error(e: ImportError, major: int | None) -> ImportError:
+    """What a CUDA build lacks, from the loader's message: NVIDIA's driver, or its CUDA runtime."""
+    if re.search(r"libcuda\.so", str(e)):
+        return ImportError(f"llamabind-cuda cannot load NVIDIA's driver ({e}): this build links libcuda.so.1 "
+                           f"(its toolkit had the driver stubs). Install NVIDIA's driver, or on a machine "
+                           f"without an NVIDIA GPU use the CPU flavour (pip install llamabind).")
+    want = f"=={major}.*" if major else ""
+    return ImportError(f"llamabind-cuda cannot load CUDA ({e}). Install NVIDIA's runtime wheels "
+                       f"(pip install nvidia-cuda-runtime{want} nvidia-cublas{want}) or the CUDA "
+                       f"{major or ''} toolkit system-wide; running on a GPU also needs NVIDIA's driver "
+                       f"(libcuda.so.1).")
 
 
 _llamabind = _load_extension()
