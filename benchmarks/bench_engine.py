@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import llamabind as lb
+from llamabind.bench import native_ngl
 from llamabind.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,9 +83,9 @@ sys.exit(rc)
 """
 
 
-def native_static(tool: Path, model_path: str, b: int, pp: int, tg: int, threads: int) -> dict:
-    args = ["-m", model_path, "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512", "-npp", str(pp),
-            "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu", "--output-format", "jsonl"]
+def native_static(tool: Path, model_path: str, b: int, pp: int, tg: int, threads: int, ngl: int) -> dict:
+    args = ["-m", model_path, "-ngl", native_ngl(ngl), "-c", str(b * (pp + tg) + 64), "-b", "2048", "-ub", "512",
+            "-npp", str(pp), "-ntg", str(tg), "-npl", str(b), "-t", str(threads), "-kvu", "--output-format", "jsonl"]
     out = subprocess.run([sys.executable, "-c", _NATIVE_RUNNER, str(tool.parent), *args],
                          capture_output=True, text=True, timeout=1800)
     for line in out.stdout.splitlines():
@@ -101,7 +102,7 @@ def static(args: argparse.Namespace, model: lb.Model) -> list[dict]:
     for b in [int(x) for x in args.batches.split(",")]:
         ours, theirs = [], []
         for _ in range(args.reps):
-            theirs.append(native_static(tool, args.model, b, args.pp, args.tg, args.threads))
+            theirs.append(native_static(tool, args.model, b, args.pp, args.tg, args.threads, args.ngl))
             ours.append(engine_static(model, b, args.pp, args.tg, args.threads))
         row = {"bench": "static", "B": b, "pp": args.pp, "tg": args.tg}
         for k in ("S_PP", "S_TG", "S"):
@@ -168,9 +169,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_trace(tool: Path, model_path: str, trace: list[dict], np_: int, n_ctx: int, threads: int) -> dict:
+def server_trace(tool: Path, model_path: str, trace: list[dict], np_: int, n_ctx: int, threads: int,
+                 ngl: int) -> dict:
     port = free_port()
-    proc = subprocess.Popen([str(tool), "-m", model_path, "--host", "127.0.0.1", "--port", str(port), "-np", str(np_),
+    proc = subprocess.Popen([str(tool), "-m", model_path, "-ngl", native_ngl(ngl), "--host", "127.0.0.1",
+                             "--port", str(port), "-np", str(np_),
                              "-c", str(n_ctx), "-b", "2048", "-ub", "512", "-t", str(threads), "-tb", str(threads),
                              "-kvu", "--swa-full", "--cont-batching", "--no-warmup"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,7 +234,8 @@ def trace_bench(args: argparse.Namespace, model: lb.Model) -> list[dict]:
             if name == "engine":
                 row = engine_trace(model, trace, args.np, n_ctx, args.threads, args.prefill_budget)
             else:
-                row = server_trace(Path(args.native) / "llama-server", args.model, trace, args.np, n_ctx, args.threads)
+                row = server_trace(Path(args.native) / "llama-server", args.model, trace, args.np, n_ctx, args.threads,
+                                   args.ngl)
             row["rep"] = rep
             rows.append(row)
             emit(args, row)
@@ -330,7 +334,7 @@ def ngram(args: argparse.Namespace, model: lb.Model) -> list[dict]:
     prompt = ("Here is a Python module.\n\n" + SNIPPET + "\nThe same module, with the default port changed "
               "from 8080 to 9090 and nothing else changed:\n\n")
     n = len(model.vocab.tokenize(SNIPPET))
-    drafter = lb.Model(args.draft_model) if args.draft_model else None
+    drafter = lb.Model(args.draft_model, n_gpu_layers=args.ngl) if args.draft_model else None
     kinds = ["none", "ngram"] + (["model"] if drafter is not None else [])
     rows: list[dict] = []
     ref: list[int] | None = None
@@ -364,6 +368,8 @@ def main() -> None:
     ap.add_argument("--model", help="GGUF (default: gemma3-270m from llamabind[model])")
     ap.add_argument("--native", default=str(ROOT / "build" / "dev" / "bin"), help="directory of the native tools")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-ngl", "--ngl", type=int, default=0,
+                    help="layers offloaded on both sides (-1: all; default 0: the CPU, as the engine's default)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--pp", type=int, default=128)
@@ -385,7 +391,7 @@ def main() -> None:
     if args.model is None:
         from llamabind.models import default_model_path
         args.model = str(default_model_path())
-    with lb.Model(args.model) as model:
+    with lb.Model(args.model, n_gpu_layers=args.ngl) as model:
         benches = {"static": static, "trace": trace_bench, "overhead": overhead, "ngram": ngram, "prefix": prefix}
         benches[args.bench](args, model)
 

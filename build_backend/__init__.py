@@ -8,8 +8,10 @@ It adds two config settings (or environment variables) on top of scikit-build-co
 * ``portable`` / ``LLAMABIND_PORTABLE``: ``1`` builds a redistributable CPU build
   (no ``-march=native``; the CPU variant is chosen at run time).
 * ``cuda-architectures`` / ``LLAMABIND_CUDA_ARCHITECTURES``: the GPU architectures of a CUDA
-  build (default ``86;89;90``; one, e.g. ``90``, builds fastest). A CUDA wheel depends on
-  NVIDIA's runtime wheels (``nvidia-cuda-runtime``, ``nvidia-cublas``) of nvcc's CUDA major.
+  build. Default: those of the GPUs present (nvidia-smi; CMake's ``native`` where it cannot
+  name them); ``86;89;90`` for a portable build or where the machine has no NVIDIA GPU. The
+  build prints what it compiles and a rough duration (``pip install -v`` shows it). A CUDA wheel
+  depends on NVIDIA's runtime wheels (``nvidia-cuda-runtime``, ``nvidia-cublas``) of nvcc's major.
 
 Before anything builds, it checks the accelerator value and the C/C++ compilers, and makes
 sure the pinned llama.cpp source is in ``vendor/llama.cpp`` (fetching it by hash if not).
@@ -49,13 +51,18 @@ def _prepare(config_settings: dict | None, *, compile: bool, source: bool = True
     """Validate our settings, fetch the source (when ``source``), and translate to scikit-build-core settings."""
     ours = ("accelerator", "portable", "cuda-architectures")
     settings = {k: v for k, v in (config_settings or {}).items() if k not in ours}
+    portable = (_setting(config_settings, "portable", "LLAMABIND_PORTABLE") or "").lower() in ("1", "true", "on", "yes")
     try:
         accel = _acc.parse(_setting(config_settings, "accelerator", "LLAMABIND_ACCELERATOR"))
         defines = accel.cmake_defines()
         if accel.backend == "cuda":  # metadata needs only nvcc's CUDA major (for the runtime wheels)
             if compile:
-                cuda, major = _acc.cuda_defines(_setting(config_settings, "cuda-architectures",
-                                                         "LLAMABIND_CUDA_ARCHITECTURES"))
+                archs, why = _acc.select_cuda_architectures(
+                    _setting(config_settings, "cuda-architectures", "LLAMABIND_CUDA_ARCHITECTURES")
+                    or settings.get("cmake.define.CMAKE_CUDA_ARCHITECTURES"), portable)
+                print(f"llamabind build: CUDA for architectures {archs}, {why}; {_acc.build_estimate(archs)}",
+                      file=sys.stderr, flush=True)
+                cuda, major = _acc.cuda_defines(archs)
                 defines.update(cuda)
             else:
                 major = _acc.cuda_version(_acc.require_nvcc())[0]
@@ -64,7 +71,7 @@ def _prepare(config_settings: dict | None, *, compile: bool, source: bool = True
             raise _acc.AcceleratorError("accelerator vulkan needs " + "; ".join(missing))
     except _acc.AcceleratorError as e:
         _fail(str(e))
-    if (_setting(config_settings, "portable", "LLAMABIND_PORTABLE") or "").lower() in ("1", "true", "on", "yes"):
+    if portable:
         defines.update(_acc.portable_defines())
     for key, value in defines.items():
         settings.setdefault(f"cmake.define.{key}", value)

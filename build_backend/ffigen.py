@@ -31,7 +31,7 @@ from pathlib import Path
 import cffi
 from pycparser import c_ast, c_generator, c_parser
 
-HEADERS = ("llama.h", "mtmd.h", "mtmd-helper.h", "llamabind_shim.h", "llamabind_chat.h")
+HEADERS = ("llama.h", "mtmd.h", "mtmd-helper.h", "llamabind_shim.h", "llamabind_chat.h", "llamabind_fit.h")
 
 # Callbacks that call into Python; their C names are referenced from Python code.
 PYTHON_CALLBACKS = """

@@ -24,6 +24,18 @@ def test_bench_cli_rows_and_report(tiny_model_path, tools_dir, tmp_path):
     assert "| tiny" in (tmp_path / "report.md").read_text()
 
 
+def test_bench_offloads_the_same_layers_on_both_sides(tiny_model_path, tools_dir):
+    """``-ngl`` reaches llamabind's model and llama-bench (which reports its own n_gpu_layers: the
+    harness refuses a native figure measured with another); on a CPU build nothing moves."""
+    out = subprocess.run([sys.executable, "-m", "llamabind", "bench", "-m", tiny_model_path, "-p", "16", "-n", "8",
+                          "-r", "1", "-t", "1", "--native", str(tools_dir), "-ngl", "99", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {(r["test"], r["impl"]): r for r in map(json.loads, out.stdout.splitlines())}
+    assert {("pp16", "native"), ("tg8", "native")} <= set(rows)
+    assert rows[("load", "llamabind")]["ngl"] == 99
+
+
 def test_engine_benchmarks_run_against_native(tiny_model_path, tools_dir):
     """benchmarks/bench_engine.py end to end on the tiny model: static batches against
     llama-batched-bench, a short trace against llama-server, the per-step Python cost, a shared
@@ -31,7 +43,7 @@ def test_engine_benchmarks_run_against_native(tiny_model_path, tools_dir):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
-    runs = {"static": ["--batches", "1,2", "--pp", "16", "--tg", "8"],
+    runs = {"static": ["--batches", "1,2", "--pp", "16", "--tg", "8", "-ngl", "-1"],
             "trace": ["--requests", "4", "--rate", "50", "--np", "2"],
             "overhead": ["--active", "1,2"],
             "prefix": ["--requests", "4", "--system", "64", "--max-tokens", "4"]}

@@ -82,13 +82,22 @@ def tg_once(ctx: Context, model: Model, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def native_once(bench: Path, model_path: str, p: int, n: int, threads: int) -> float:
-    """One llama-bench measurement (its own timing of the test, model load excluded)."""
+def native_ngl(n_gpu_layers: int) -> str:
+    """``n_gpu_layers`` as the ``-ngl`` of llama.cpp's common tools: a negative count (every layer)
+    is ``all`` there, since their ``-1`` means ``auto`` (fit to free memory)."""
+    return "all" if n_gpu_layers < 0 else str(n_gpu_layers)
+
+
+def native_once(bench: Path, model_path: str, p: int, n: int, threads: int, n_gpu_layers: int = 0) -> float:
+    """One llama-bench measurement (its own timing of the test, model load excluded), with the
+    same layers offloaded as ours (llama-bench passes ``-ngl`` to llama.cpp as is: negative is all)."""
     cmd = [str(bench), "-m", model_path, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1",
-           "-o", "jsonl", "-ngl", "0"]
+           "-o", "jsonl", "-ngl", str(n_gpu_layers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
-    return float(json.loads(line)["avg_ts"])
+    result = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+    if result["n_gpu_layers"] != n_gpu_layers:
+        raise RuntimeError(f"llama-bench ran with -ngl {result['n_gpu_layers']}, not {n_gpu_layers}")
+    return float(result["avg_ts"])
 
 
 def per_token_overhead(ctx: Context, model: Model, n: int = 256, reps: int = 5) -> tuple[list[float], list[float]]:
@@ -155,14 +164,15 @@ def _stamp(line: str) -> float:
 
 
 def native_embed_once(tool: str, model: str, texts: list[str], threads: int,
-               n_batch: int) -> tuple[float, float, float, int]:
+               n_batch: int, n_gpu_layers: int = 0) -> tuple[float, float, float, int]:
     """(compute seconds, wall seconds minus load, prompt-eval seconds, n_tokens) of one llama-embedding run.
 
     Compute is read from the tool's timestamped log: from its first ``batch_decode`` line to
     its ``llama_perf_context_print`` line, i.e. every batch plus formatting the output.
     """
     cmd = [tool, "-m", model, "-p", SEP.join(texts), "--embd-separator", SEP, "--no-escape", "-t", str(threads),
-           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0",
+           "-tb", str(threads), "-c", str(n_batch), "-b", str(n_batch), "-ub", str(n_batch),
+           "-ngl", native_ngl(n_gpu_layers),
            "--embd-output-format", "array", "-lv", "4", "--perf", "--log-timestamps"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
@@ -179,14 +189,15 @@ def native_embed_once(tool: str, model: str, texts: list[str], threads: int,
 
 
 def embed_rows(model_path: str, threads: int, reps: int, native: Path | None, n_texts: int = 256,
-               n_batch: int = 512) -> list[Row]:
+               n_batch: int = 512, n_gpu_layers: int = 0) -> list[Row]:
     """Texts/s for ``n_texts`` sentences: batched, one by one, and native llama-embedding (its batches)."""
     from .embeddings import Embedder
 
     texts = sentences(n_texts)
     name = Path(model_path).name
     tool = native.parent / "llama-embedding" if native is not None else None
-    with Model(model_path) as model, Embedder(model, n_ctx=n_batch, n_batch=n_batch, n_threads=threads) as emb:
+    with (Model(model_path, n_gpu_layers=n_gpu_layers) as model,
+          Embedder(model, n_ctx=n_batch, n_batch=n_batch, n_threads=threads) as emb):
         emb.embed(texts)  # warm up
         batched, single, nat = [], [], []
         for _ in range(reps):
@@ -198,7 +209,8 @@ def embed_rows(model_path: str, threads: int, reps: int, native: Path | None, n_
                 emb.embed([t])
             single.append(n_texts / (time.perf_counter() - t0))
             if tool is not None and tool.is_file():
-                nat.append(n_texts / native_embed_once(str(tool), model_path, texts, threads, n_batch)[0])
+                nat.append(n_texts / native_embed_once(str(tool), model_path, texts, threads, n_batch,
+                                                      n_gpu_layers)[0])
     test = f"embed{n_texts}"
     rows = [_row(test, "llamabind", batched, threads, name, unit="texts/s"),
             _row(test + "-1by1", "llamabind", single, threads, name, unit="texts/s")]
@@ -210,14 +222,15 @@ def embed_rows(model_path: str, threads: int, reps: int, native: Path | None, n_
 
 
 def llama_cpp_python_rows(model_path: str, n: int, threads: int, reps: int,
-                          embed_model: str | None) -> list[Row]:
+                          embed_model: str | None, n_gpu_layers: int = 0) -> list[Row]:
     """The same tg / embed rows through llama-cpp-python, when it is installed (else none)."""
     try:
         import llama_cpp
     except ImportError:
         return []
     rows = []
-    llm = llama_cpp.Llama(model_path, n_ctx=n + 64, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path, n_ctx=n + 64, n_threads=threads, n_threads_batch=threads,
+                          n_gpu_layers=n_gpu_layers, verbose=False)
     samples = []
     for _ in range(reps):
         llm.reset()
@@ -229,7 +242,8 @@ def llama_cpp_python_rows(model_path: str, n: int, threads: int, reps: int,
     del llm
     if embed_model:
         emb = llama_cpp.Llama(embed_model, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
+                              n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                              verbose=False)
         texts = sentences(256)
         emb.embed(texts[:8])
         samples = []
@@ -248,8 +262,10 @@ def peak_rss_mb() -> float:
 
 def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = None, reps: int = 5,
         native: str | None = None, parallel: Iterable[int] = (), overhead_model: str | None = None,
-        embed_model: str | None = None, emit: Callable[[Row], None] = lambda r: None) -> list[Row]:
-    """Measure every requested row; ``emit`` is called as each row completes."""
+        embed_model: str | None = None, n_gpu_layers: int = 0,
+        emit: Callable[[Row], None] = lambda r: None) -> list[Row]:
+    """Measure every requested row; ``emit`` is called as each row completes. ``n_gpu_layers``
+    (negative: all) is offloaded on both sides, llamabind's and the native tools'."""
     threads = threads or os.cpu_count() or 1
     name = Path(model_path).name
     rows: list[Row] = []
@@ -259,7 +275,7 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
         emit(row)
 
     t0 = time.perf_counter()
-    model = Model(model_path)
+    model = Model(model_path, n_gpu_layers=n_gpu_layers)
     load_s = time.perf_counter() - t0
     bench = Path(native) if native else None
     if bench is not None and bench.is_dir():
@@ -276,7 +292,7 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
             for _ in range(reps):
                 a.append(ours_fn())
                 if bench is not None:
-                    b.append(native_once(bench, model_path, *args, threads))
+                    b.append(native_once(bench, model_path, *args, threads, n_gpu_layers))
             if b:
                 ratios = [x / y for x, y in zip(a, b)]
                 add(_row(test, "llamabind", a, threads, name, ratio=statistics.median(ratios),
@@ -291,7 +307,7 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
                     samples = [parallel_tps(pctx, model, k, n) for _ in range(max(1, reps // 2))]
                     add(_row(f"tg{n}x{k}", "llamabind", samples, threads, name, n_seq=k))
     if overhead_model:
-        with Model(overhead_model) as tiny, Context(tiny, n_ctx=1024, n_threads=1) as tctx:
+        with Model(overhead_model, n_gpu_layers=n_gpu_layers) as tiny, Context(tiny, n_ctx=1024, n_threads=1) as tctx:
             per_token_overhead(tctx, tiny, 64, 1)  # warm up
             ours, nat = per_token_overhead(tctx, tiny, 512, reps)
             diff = [1e6 * (a - b) for a, b in zip(ours, nat)]
@@ -301,12 +317,12 @@ def run(model_path: str, *, p: int = 512, n: int = 128, threads: int | None = No
             add(_row("overhead", "native", [1 / x for x in nat], 1, Path(overhead_model).name,
                      us_per_token=statistics.median([1e6 * x for x in nat])))
     if embed_model:
-        for row in embed_rows(embed_model, threads, reps, bench):
+        for row in embed_rows(embed_model, threads, reps, bench, n_gpu_layers=n_gpu_layers):
             add(row)
-    for row in llama_cpp_python_rows(model_path, n, threads, reps, embed_model):
+    for row in llama_cpp_python_rows(model_path, n, threads, reps, embed_model, n_gpu_layers):
         add(row)
     add(Row("load", "llamabind", 0.0, 0.0, 0.0, threads, name, [],
-            {"load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+            {"load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1), "ngl": n_gpu_layers}))
     return rows
 
 

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from . import _params
+from . import _params, fit
 from ._handle import Handle
 from .batch import Batch
 from .raw import check_decode, clear_errors, fail, ffi, lib
@@ -79,7 +79,7 @@ class Context(ContextState, Aborts, Handle):
     for it; it never frees memory under llama.cpp.
     """
 
-    def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
+    def __init__(self, model: Model, *, n_ctx: int | fit.Auto = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: int | None = None, n_threads_batch: int | None = None,
                  embeddings: bool = False, **params: Any) -> None:
         if not isinstance(model, Model):
@@ -88,7 +88,8 @@ class Context(ContextState, Aborts, Handle):
             raise InvalidInputError("this model was loaded with vocab_only=True: it has no weights to run")
         _check_threads(n_threads, n_threads_batch)
         threads = n_threads or min(os.cpu_count() or 4, MAX_THREADS)
-        values = {"n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": min(n_ubatch, n_batch),
+        values = {"n_ctx": fit.context_size(model) if n_ctx == fit.AUTO else n_ctx,
+                  "n_batch": n_batch, "n_ubatch": min(n_ubatch, n_batch),
                   "n_seq_max": n_seq_max, "n_threads": threads,
                   "n_threads_batch": n_threads_batch or threads, "embeddings": embeddings,
                   "no_perf": False}

@@ -7,7 +7,7 @@ import os
 import weakref
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
-from . import _params, _shutdown, rpc
+from . import _params, _shutdown, fit, rpc
 from ._gate import SharedGate
 from ._handle import Handle
 from .raw import clear_errors, fail, ffi, lib
@@ -112,9 +112,10 @@ class Model(Handle):
     ``rpc_servers`` (``["host:port", ...]``, ``+rpc`` builds) offloads layers to ggml RPC servers
     too, each checked within ``rpc_timeout`` seconds first (``llamabind.rpc``).
     Extra keyword arguments set fields of ``llama_model_params`` by name.
+    ``n_gpu_layers="auto"`` fits the layers to the devices' free memory (``llamabind.fit``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, main_gpu: int = 0,
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | fit.Auto = 0, main_gpu: int = 0,
                  split_mode: str | int = "layer", use_mmap: bool | None = None, use_mlock: bool = False,
                  sha256: str | None = None, progress: ProgressCallback | None = None,
                  check: bool = True, rpc_servers: Sequence[str] | None = None, rpc_timeout: float = 5.0,
@@ -124,7 +125,7 @@ class Model(Handle):
         if check:
             check_gguf(path)
         mparams = lib.llama_model_default_params()
-        values = {"n_gpu_layers": n_gpu_layers, "main_gpu": main_gpu, "split_mode": split_mode, **params}
+        values = {"n_gpu_layers": fit.layers(n_gpu_layers), "main_gpu": main_gpu, "split_mode": split_mode, **params}
         _params.apply(mparams, "struct llama_model_params", values)
         mode = _load_mode(use_mmap, use_mlock)
         if mode is not None:
@@ -133,6 +134,7 @@ class Model(Handle):
         remote = rpc.devices(rpc_servers, rpc_timeout) if rpc_servers is not None else None
         if remote is not None:
             mparams.devices = remote.array
+        report = fit.fit_model(path, mparams) if n_gpu_layers == fit.AUTO else None
         clear_errors()
         ptr = lib.llama_model_load_from_file(path.encode(), mparams)
         lost = remote.lost() if remote is not None else []
@@ -149,6 +151,7 @@ class Model(Handle):
         if remote is not None:
             self.adopt(remote)
         self.path = path
+        self.fit = report  # n_gpu_layers="auto": what the fit chose and why (llamabind.fit.FitReport)
         self.vocab_only = bool(mparams.vocab_only)
         self._gate = SharedGate("the model")
         self._facts = _facts(ptr)  # read once: getters never touch a pointer that close() may free

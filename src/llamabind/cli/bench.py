@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("-r", "--repetitions", type=int, default=5,
                    help="repetitions of each test, llamabind and native alternating (default: 5)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers offloaded on both sides, ours and the native tools' (-1: all; default 0, the CPU)")
     p.add_argument("--native", help="llama-bench binary or its directory (default: $LLAMABIND_TOOLS_DIR)")
     p.add_argument("--parallel", default="", help="sequence counts, e.g. 1,2,4,8")
     p.add_argument("--overhead-model", help="tiny GGUF for the per-token overhead row")
@@ -37,7 +39,7 @@ def run(args) -> int:
     emit = (lambda r: print(r.as_json(), flush=True)) if args.json else (lambda r: None)
     rows = bench.run(args.model, p=args.n_prompt, n=args.n_gen, threads=args.threads, reps=args.repetitions,
                      native=native, parallel=parallel, overhead_model=args.overhead_model,
-                     embed_model=args.embed, emit=emit)
+                     embed_model=args.embed, n_gpu_layers=args.n_gpu_layers, emit=emit)
     if not args.json:
         print(bench.format_table(rows))
     if args.report:

@@ -52,21 +52,34 @@ def _cuda_major(dist_info: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _preload_cuda(major: int) -> None:
-    """Load libcudart/libcublas of NVIDIA's runtime wheels (``nvidia/cu13/lib``, or
-    ``nvidia/<component>/lib`` for CUDA 12) globally, as the major frameworks do; the
-    system's CUDA is used where no wheel is installed."""
+def _preload_cuda(major: int) -> list[str]:
+    """Load libcudart/libcublasLt/libcublas of NVIDIA's runtime wheels (``nvidia/cu13/lib``, or
+    ``nvidia/<component>/lib`` for CUDA 12) before the extension, so that its ``NEEDED`` entries
+    match them by soname; return the files loaded.
+
+    They are loaded ``RTLD_LOCAL``: nothing enters the process's global symbol scope, where it
+    could bind symbols of libraries loaded later. A soname already loaded (by torch, cupy, or
+    the system's CUDA) is kept, never loaded a second time from another file. Where no wheel is
+    found, the dynamic linker finds the system's CUDA itself."""
     import ctypes
 
+    loaded = []
     for soname in (name.format(major) for name in _CUDA_LIBS):
+        try:
+            ctypes.CDLL(soname, mode=os.RTLD_NOW | os.RTLD_NOLOAD)
+            continue  # already in the process: the extension binds to that copy
+        except OSError:
+            pass
         for entry in sys.path:
             root = os.path.join(entry, "nvidia")
             dirs = [os.path.join(root, f"cu{major}", "lib")] + [
                 os.path.join(root, d, "lib") for d in ("cuda_runtime", "cublas")]
             path = next((os.path.join(d, soname) for d in dirs if os.path.isfile(os.path.join(d, soname))), None)
             if path is not None:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+                loaded.append(path)
                 break
+    return loaded
 
 
 def _load_extension():
@@ -82,12 +95,21 @@ def _load_extension():
     except ImportError as e:
         if not cuda or not re.search(r"lib(cudart|cublas|cublasLt|cuda)\.so", str(e)):
             raise
-        want = f"=={major}.*" if major else ""
-        raise ImportError(f"llamabind-cuda cannot load CUDA ({e}). Install NVIDIA's runtime wheels "
-                          f"(pip install nvidia-cuda-runtime{want} nvidia-cublas{want}) or the CUDA "
-                          f"{major or ''} toolkit system-wide; running on a GPU also needs NVIDIA's driver "
-                          f"(libcuda.so.1).") from e
+        raise _cuda_load_error(e, major) from e
     return extension
+
+
+def _cuda_load_error(e: ImportError, major: int | None) -> ImportError:
+    """What a CUDA build lacks, from the loader's message: NVIDIA's driver, or its CUDA runtime."""
+    if re.search(r"libcuda\.so", str(e)):
+        return ImportError(f"llamabind-cuda cannot load NVIDIA's driver ({e}): this build links libcuda.so.1 "
+                           f"(its toolkit had the driver stubs). Install NVIDIA's driver, or on a machine "
+                           f"without an NVIDIA GPU use the CPU flavour (pip install llamabind).")
+    want = f"=={major}.*" if major else ""
+    return ImportError(f"llamabind-cuda cannot load CUDA ({e}). Install NVIDIA's runtime wheels "
+                       f"(pip install nvidia-cuda-runtime{want} nvidia-cublas{want}) or the CUDA "
+                       f"{major or ''} toolkit system-wide; running on a GPU also needs NVIDIA's driver "
+                       f"(libcuda.so.1).")
 
 
 _llamabind = _load_extension()
