@@ -20,10 +20,10 @@ import numpy as np
 from ..batch import Batch
 from ..context import Context
 from ..errors import AbortedError, BusyError, ClosedError, InvalidInputError, KVCacheFullError
-from ..generation.events import DoneEvent, Timings, TokenEvent, Usage
+from ..generation.events import DoneEvent, TokenEvent
 from ..model import Model
 from .draft import DraftModel
-from .request import REQUEST_FIELDS, Request, RequestState, metrics_of, prepare
+from .request import REQUEST_FIELDS, Request, RequestState, finish, prepare
 from .slots import copy_prefix, place, shift
 from .stepper import Step
 
@@ -429,25 +429,7 @@ class Engine:
                 r.wait = None
                 if not ctx.closed:
                     self.copy_from(r, s.slot, n)
-        tail = "" if s.hit else s.stop.flush() + s.detok.flush()
-        if tail:
-            s.text.append(tail)
-        try:
-            deltas = s.parser.finish(tail) if s.parser is not None else ()
-        except Exception as e:  # the output parser failed on the end of the text: this request's error
-            deltas, reason = (), "error"
-            s.error = s.error or e
-        if tail or deltas:
-            events.append(TokenEvent(None, tail, s.id, deltas, None, time.perf_counter()))
-        message = s.parser.message if s.parser is not None else None
-        if reason == "stop" and message is not None and message.tool_calls:
-            reason = "tool_calls"
-        m = metrics_of(s)
-        timings = Timings(m.ttft_s, m.prefill_tps, m.decode_tps, (s.t_prefill_end - s.t_prefill) * 1e3,
-                          (s.t_tokens[-1] - s.t_tokens[0]) * 1e3 if len(s.t_tokens) > 1 else 0.0)
-        events.append(DoneEvent(reason, Usage(s.n_prompt, s.n_cached, len(s.out)), timings, "".join(s.text),
-                                s.out, s.id, s.error if reason == "error" else None, message, m))
-        s.reason = reason
+        s.reason = finish(s, reason, events)
         self._n_deadlines -= s.deadline is not None
         if s.sampler is not None:
             s.sampler.close()

@@ -1,5 +1,5 @@
 """What a request asks of the engine (``Request``), checked and rendered into tokens at submit
-(``prepare``), and its progress while it runs (``RequestState``)."""
+(``prepare``), its progress while it runs (``RequestState``), and its end (``finish``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..context import Context
 from ..errors import ContextOverflowError, InvalidInputError
 from ..generation.api import Messages, Prompt, render_prompt
 from ..generation.chatprep import CHAT_OPTIONS, prepare_chat
+from ..generation.events import DoneEvent, Timings, TokenEvent, Usage
 from ..generation.stop import StopMatcher
 from ..sampler import Sampler
 from .ngram import NgramDrafter
@@ -243,3 +244,27 @@ def metrics_of(s: RequestState) -> RequestMetrics:
         decode_tps=(len(t) - 1) / dec_s if dec_s > 0 else 0.0,
         cached_tokens=s.n_cached, drafted_tokens=s.n_drafted, accepted_tokens=s.n_accepted,
         preempted=s.n_preempted)
+
+
+def finish(s: RequestState, reason: str, events: list) -> str:
+    """The end of ``s``'s output: its held-back text and the parser's last deltas, then its
+    DoneEvent; the finish reason it ends with (an output parser that fails here makes it an error)."""
+    tail = "" if s.hit else s.stop.flush() + s.detok.flush()
+    if tail:
+        s.text.append(tail)
+    try:
+        deltas = s.parser.finish(tail) if s.parser is not None else ()
+    except Exception as e:  # the output parser failed on the end of the text: this request's error
+        deltas, reason = (), "error"
+        s.error = s.error or e
+    if tail or deltas:
+        events.append(TokenEvent(None, tail, s.id, deltas, None, time.perf_counter()))
+    message = s.parser.message if s.parser is not None else None
+    if reason == "stop" and message is not None and message.tool_calls:
+        reason = "tool_calls"
+    m = metrics_of(s)
+    timings = Timings(m.ttft_s, m.prefill_tps, m.decode_tps, (s.t_prefill_end - s.t_prefill) * 1e3,
+                      (s.t_tokens[-1] - s.t_tokens[0]) * 1e3 if len(s.t_tokens) > 1 else 0.0)
+    events.append(DoneEvent(reason, Usage(s.n_prompt, s.n_cached, len(s.out)), timings, "".join(s.text),
+                            s.out, s.id, s.error if reason == "error" else None, message, m))
+    return reason
