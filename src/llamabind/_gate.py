@@ -26,7 +26,7 @@ _ident = threading.get_ident
 class Gate:
     """One user at a time, re-entrant for that user's nested calls; ``with gate:`` enters."""
 
-    __slots__ = ("what", "_mutex", "_idle", "_thread", "_depth", "_owner", "_in_c", "closing")
+    __slots__ = ("what", "_mutex", "_idle", "_thread", "_depth", "_owner", "in_c", "_closers", "closing")
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -35,19 +35,21 @@ class Gate:
         self._thread: int | None = None  # the thread inside
         self._depth = 0
         self._owner: object = None        # who claimed it, if anyone
-        self._in_c = False                # llama.cpp runs on the inside thread: only callbacks come from there
+        # set by the inside thread around its calls into llama.cpp: a call from it meanwhile is a callback's
+        self.in_c = False
+        self._closers = 0                 # close() calls waiting for the inside thread to leave
         self.closing = False
 
     def enter(self, owner: object = None) -> None:
         """Let the calling thread in, or raise BusyError (ClosedError once closing)."""
         me = _ident()
+        if self._thread == me:  # nested: while it is inside, only this thread changes the gate's state
+            if self.in_c:
+                raise BusyError(f"{self.what} was called from inside a callback that llama.cpp runs "
+                                f"on it (abort callback or Python sampler): not allowed")
+            self._depth += 1
+            return
         with self._mutex:
-            if self._thread == me:
-                if self._in_c:
-                    raise BusyError(f"{self.what} was called from inside a callback that llama.cpp runs "
-                                    f"on it (abort callback or Python sampler): not allowed")
-                self._depth += 1
-                return
             if self.closing:
                 raise ClosedError(f"{self.what} is closed")
             if self._thread is not None:
@@ -57,10 +59,13 @@ class Gate:
             self._thread, self._depth = me, 1
 
     def exit(self) -> None:
-        with self._mutex:
+        if self._depth > 1:  # nested: no other thread touches the gate meanwhile
             self._depth -= 1
-            if self._depth == 0:
-                self._thread = None
+            return
+        with self._mutex:
+            self._depth = 0
+            self._thread = None
+            if self._closers:
                 self._idle.notify_all()
 
     def __enter__(self) -> "Gate":
@@ -99,10 +104,6 @@ class Gate:
     def owner(self) -> object:
         return self._owner
 
-    def calling_c(self, on: bool) -> None:
-        """Mark that the inside thread is (no longer) in llama.cpp: re-entry from it is a callback's."""
-        self._in_c = on
-
     def shut(self, abort: Any = None) -> bool:
         """Mark closing, call ``abort()`` if another thread is inside, and wait for it to leave.
 
@@ -110,14 +111,18 @@ class Gate:
         """
         me = _ident()
         with self._mutex:
-            if self._thread == me and self._in_c:
+            if self._thread == me and self.in_c:
                 raise BusyError(f"{self.what} cannot be closed from inside a callback it runs")
             self.closing = True
             if self._thread is not None and self._thread != me:
                 if abort is not None:
                     abort()
-                while self._thread is not None:
-                    self._idle.wait()
+                self._closers += 1
+                try:
+                    while self._thread is not None:
+                        self._idle.wait()
+                finally:
+                    self._closers -= 1
         return True
 
 

@@ -295,15 +295,16 @@ class Context(ContextState, Aborts, Handle):
         gate = self._gate
         with gate:
             ptr = self.ptr
-            self._check_fits(batch.n_tokens, encode)  # whoever built the batch: causal attention may have changed
+            if (encode or self._one_ubatch) and batch.n_tokens > self.n_ubatch:  # causal attention may have changed
+                self._check_fits(batch.n_tokens, encode)
             self._abort_flag[0] = 0
             if gate.closing:  # close() set the flag before the clear above: do not start
                 raise ClosedError("this context is being closed")
-            gate.calling_c(True)
+            gate.in_c = True
             try:
                 rc = fn(ptr, s)
             finally:
-                gate.calling_c(False)
+                gate.in_c = False
             if self.model._rpc is not None:  # a lost server: its zeros are not the model's outputs
                 self.check_remote()
             if all_outputs and rc == 0:

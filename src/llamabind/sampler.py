@@ -405,11 +405,11 @@ class _Use:
         except BaseException:
             gate.exit()
             raise
-        gate.calling_c(True)
+        gate.in_c = True
         return ptr
 
     def __exit__(self, *exc: object) -> None:
-        self._gate.calling_c(False)
+        self._gate.in_c = False
         self._gate.exit()
 
 
@@ -432,14 +432,20 @@ def sample_fast(sampler: Sampler, ctx: "Context", idx: int) -> int:
         if p == ffi.NULL:
             fail(InvalidInputError, f"no logits for batch row {idx}")
         return int(np.argmax(np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32)))
-    gate = ctx._gate
-    with sampler._use() as ptr:
-        gate.calling_c(True)
+    gate, own = ctx._gate, sampler._gate
+    own.enter()
+    try:
+        ptr = sampler._usable()
+        gate.in_c = own.in_c = True
         try:
             tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
         finally:
-            gate.calling_c(False)
+            gate.in_c = own.in_c = False
         if tok < 0:
             clear_errors()
-        sampler._raised(tok < 0)
+            sampler._raised(True)
+        elif sampler._py:
+            sampler._raised(False)  # a Python sampler's exception, kept while llama.cpp ran
+    finally:
+        own.exit()
     return tok

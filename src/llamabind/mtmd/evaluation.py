@@ -70,12 +70,12 @@ def _eval(ctx: Context, chunks: Chunks, n_past: int, seq_id: int, n_batch: int, 
         ctx.abort_flag_clear()
         if cancel is not None:
             ctx.use_abort_flag(cancel.flag)
-        ctx._gate.calling_c(True)
+        ctx._gate.in_c = True
         try:
             rc = lib.mtmd_helper_eval_chunks(mctx.ptr, cptr, chunks.ptr, n_past, seq_id, n_batch,
                                              bool(logits_last), new_n_past)
         finally:
-            ctx._gate.calling_c(False)
+            ctx._gate.in_c = False
             if cancel is not None:
                 ctx.restore_abort()
         ctx.check_remote()
