@@ -131,3 +131,14 @@ def test_depth_and_size_bounds():
     for bad in ("[1, 2]", "{", '{"minimum": NaN}'):
         with pytest.raises(lb.InvalidInputError):
             check_json_schema(bad)
+
+
+def test_response_format_not_a_mapping_without_jinja(tmp_path):
+    """llama.cpp's built-in rendering (no Jinja): a json_schema that is no mapping is bad input."""
+    from tinymodels import write_tiny_llama
+    with lb.Model(write_tiny_llama(tmp_path / "plain.gguf", template=None)) as m, \
+            lb.Context(m, n_ctx=256, n_threads=2) as ctx:
+        for bad in ("x", [1], 3):
+            with pytest.raises(lb.InvalidInputError, match="json_schema must be a mapping"):
+                lb.generate(ctx, messages=[{"role": "user", "content": "hi"}], max_tokens=2, template="chatml",
+                            response_format={"type": "json_schema", "json_schema": bad})
