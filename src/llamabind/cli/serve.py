@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from typing import Any, Iterator
 
@@ -52,6 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--grammar-max-rules", type=int, default=2000, help="GBNF grammar rules (default: 2000)")
     b.add_argument("--grammar-max-alternatives", type=int, default=20_000,
                    help="GBNF alternatives, '|' (default: 20000)")
+    b.add_argument("--grammar-max-work", type=int, metavar="N",
+                   help="work one token of a grammar may cost, in llama.cpp's units (sets LLAMA_GRAMMAR_MAX_WORK; "
+                        "default 50000000, about 0.5-1 s of one core with a 262k vocabulary; 0: unbounded)")
     b.add_argument("--schema-max-depth", type=int, default=64, help="JSON schema nesting (default: 64)")
     b.add_argument("--schema-max-nodes", type=int, default=50_000, help="JSON schema values (default: 50000)")
     p.set_defaults(fn=run)
@@ -81,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     import llamabind as lb
 
     from ..server.app import read_key_file
+
+    if args.grammar_max_work is not None:  # read once, at the first grammar llama.cpp applies
+        os.environ["LLAMA_GRAMMAR_MAX_WORK"] = str(args.grammar_max_work)
 
     keys = [k for arg in args.api_key for k in arg.split(",") if k]
     try:

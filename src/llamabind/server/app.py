@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Iterable, TypeVar
 
 import anyio
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -30,6 +31,7 @@ from ..errors import BusyError, ClosedError, ContextOverflowError, InvalidInputE
 from ..generation.chatprep import CHAT_OPTIONS, prepare_chat, uses_jinja
 from ..generation.events import DoneEvent
 from ..model import Model
+from ..sampler import TOKEN_DATA, Sampler
 from .params import APIError, Call, Limits, chat_call, completion_call, embedding_input, parse_body
 from .metrics import Stats
 from .shapes import Answer, Pieces
@@ -114,6 +116,7 @@ class Server:
         self.stats = Stats()
         self.running = 0  # completions being answered (a stream until its last chunk)
         self.stopping = False
+        self._probes = anyio.CapacityLimiter(1)
 
     async def aclose(self) -> None:
         self.stopping = True
@@ -145,6 +148,8 @@ class Server:
             raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
         if self.limits.max_prompt_tokens is not None:
             await self._check_prompt(call.options)
+        if "grammar" in call.options:
+            await self._probe_grammar(call.options["grammar"])
         ans = Answer(kind, self.name, self.pieces, call.top_logprobs, kind == "chat" and not self.jinja)
         # an async generator (annotated as an iterator): closing it cancels the request
         events = self.engine.stream(**call.options)
@@ -184,6 +189,26 @@ class Server:
         if most is not None and n > most:
             raise APIError(400, f"the prompt has {n} tokens, more than the {most} this server takes",
                            param="messages" if "messages" in options else "prompt", code="context_length_exceeded")
+
+    async def _probe_grammar(self, grammar: str) -> None:
+        """A client's grammar parsed and applied once to the whole vocabulary, on a worker thread (one
+        at a time): a malformed grammar, or one too ambiguous for llama.cpp's work budget
+        (``LLAMA_GRAMMAR_MAX_WORK``), is a 400 before it can hold the engine's thread."""
+        vocab = self.engine.engine.ctx.vocab
+
+        def probe() -> None:
+            s = Sampler.grammar(vocab, grammar, limits=self.limits.grammar)
+            try:
+                cand = np.zeros(vocab.n_tokens, dtype=TOKEN_DATA)
+                cand["id"] = np.arange(vocab.n_tokens)
+                s.apply(cand)
+            finally:
+                s.close()
+
+        try:
+            await anyio.to_thread.run_sync(probe, limiter=self._probes)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="grammar", code="invalid_value") from None
 
     async def _collect(self, events: AsyncIterator[Event], ans: Answer) -> DoneEvent:
         async for ev in events:
