@@ -169,7 +169,7 @@ def test_api_keys(keyed):
 def test_metrics(keyed, plain):
     auth = {"Authorization": "Bearer k-one"}
     status, raw = get(plain, "/metrics")
-    assert status == 501 and "--metrics" in json.loads(raw)["error"]["message"]  # opt-in
+    assert status == 404 and "--metrics" in json.loads(raw)["error"]["message"]  # opt-in
     assert post(keyed, "/v1/completions", {"prompt": "hello", "max_tokens": 3, "ignore_eos": True}, auth)[0] == 200
     refused(keyed, "/v1/completions", {"prompt": 5}, 400, auth)
     status, raw = get(keyed, "/metrics", auth)

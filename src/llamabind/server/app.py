@@ -415,8 +415,8 @@ def _routes(srv: Server, api_keys: Iterable[str], with_metrics: bool) -> Starlet
     @api
     async def metrics(request: HTTPRequest) -> Response:
         if not with_metrics:
-            raise APIError(501, "This server does not support metrics endpoint. Start it with `--metrics`",
-                           type="not_supported_error", code="not_supported")
+            raise APIError(404, "This server does not support metrics endpoint. Start it with `--metrics`",
+                           type="not_supported_error", code="not_found")  # llama-server: 501; no client error is a 5xx
         return PlainTextResponse(srv.metrics(), media_type="text/plain; version=0.0.4")
 
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
