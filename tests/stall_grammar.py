@@ -6,7 +6,8 @@ while another client keeps sending ambiguous grammars.
 
 ``first``: twelve ``[a-z ]*`` in a row, ambiguous from the first token (the server's probe
 refuses it on a worker thread); ``late``: the same after a literal longer than any token, so it
-reaches the engine and fails there, on llama.cpp's work budget. Prints one JSON line per case:
+reaches the engine and fails there, on llama.cpp's work budget; ``json``: no hostile client, an
+ordinary one asking for JSON by a schema's grammar, for comparison. Prints one JSON line per case:
 median TTFT, median and p95 ITL (seconds), and how many hostile requests were answered.
 """
 
@@ -27,7 +28,10 @@ sys.path.insert(0, str(HERE))
 from fuzz_http import server  # noqa: E402
 
 SEQ12 = " ".join(["[a-z ]*"] * 12)
-HOSTILE = {"first": "root ::= " + SEQ12, "late": 'root ::= "the quick brown fox jumps over the lazy dog" ' + SEQ12}
+HOSTILE = {"first": "root ::= " + SEQ12, "late": 'root ::= "the quick brown fox jumps over the lazy dog" ' + SEQ12,
+           "json": "json"}  # json: an ordinary client with a JSON schema's grammar, for comparison
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
 
 
 def timed_stream(port: int, tokens: int) -> tuple[float, list[float]]:
@@ -71,9 +75,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cases", default="idle,first,idle,late")
+    ap.add_argument("--cases", default="idle,first,idle,late,idle,json")
     args = ap.parse_args()
+    from llamabind.chat import json_schema_to_grammar
     from llamabind.models import default_model_path
+
+    HOSTILE["json"] = json_schema_to_grammar(SCHEMA)
 
     with server(str(default_model_path()), ["--slots", "4", "-t", str(args.threads)]) as (port, _):
         timed_stream(port, 4)  # warm up

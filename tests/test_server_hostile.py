@@ -185,12 +185,15 @@ def test_metrics(keyed, plain):
     assert "# TYPE llamacpp:prompt_tokens_total counter" in text
 
 
-def test_sigterm_ends_streams_and_exits_0(gemma_path):
-    """``serve`` as a process: on SIGTERM it stops listening, a stream still running past
-    --shutdown-timeout gets a last chunk with its finish_reason and an error, and it exits 0."""
+def test_sigterm_ends_streams_and_exits_0(gemma_path, tmp_path):
+    """``serve`` as a process (keys from --api-key and --api-key-file, --metrics): on SIGTERM it
+    stops listening, a stream still running past --shutdown-timeout gets a last chunk with its
+    finish_reason and an error, and it exits 0."""
     port = free_port()
+    (tmp_path / "keys").write_text("# the team's key\nfile-key\n\n")
     proc = subprocess.Popen([sys.executable, "-m", "llamabind", "serve", "-m", gemma_path, "--port", str(port),
-                             "--slots", "2", "--ctx", "4096", "-t", "2", "--shutdown-timeout", "1.5"],
+                             "--slots", "2", "--ctx", "4096", "-t", "2", "--shutdown-timeout", "1.5", "--metrics",
+                             "--api-key", "k1,k2", "--api-key-file", str(tmp_path / "keys")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -200,10 +203,14 @@ def test_sigterm_ends_streams_and_exits_0(gemma_path):
                     break
             except OSError:
                 time.sleep(0.1)
+        assert get(url, "/metrics")[0] == 401
+        for key in ("k1", "k2", "file-key"):
+            assert get(url, "/metrics", {"Authorization": f"Bearer {key}"})[0] == 200
+        assert get(url, "/v1/models", {"Authorization": "Bearer # the team's key"})[0] == 401
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         c.request("POST", "/v1/completions", body=json.dumps(
             {"prompt": "Once upon a time", "stream": True, "max_tokens": 3000, "ignore_eos": True}),
-                  headers={"Content-Type": "application/json"})
+                  headers={"Content-Type": "application/json", "Authorization": "Bearer file-key"})
         r = c.getresponse()
         assert r.status == 200
         first = r.readline()
