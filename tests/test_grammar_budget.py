@@ -99,3 +99,23 @@ def test_the_server_refuses_it_before_the_engine(gemma_model):
         assert status == 200 and body["choices"][0]["text"] == "yes", body
         status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": "root ::= nope"})
         assert status == 400 and "grammar" in body["error"]["message"].lower(), body
+
+
+def test_a_client_past_the_budget_waits(gemma_model):
+    """A grammar that passes the server's probe and fails in the engine (ambiguous after a literal)
+    costs the engine's thread one budget of work; its client's grammars then get 429 for a while."""
+    from llamabind.server import Limits, create_app
+    from test_server import serving
+    from test_server_hostile import post
+
+    app = create_app(Engine.load(gemma_model, n_slots=2, n_ctx=1024, n_threads=2), api_keys=["a", "b"],
+                     limits=Limits(grammar_penalty_s=30))
+    yes = {"prompt": "a", "max_tokens": 4, "grammar": 'root ::= "yes"'}
+    with serving(app) as url:
+        a, b = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+        status, body = post(url, "/v1/completions", {"prompt": "Say:", "max_tokens": 40, "grammar": LATE}, a)
+        assert status == 400 and "LLAMA_GRAMMAR_MAX_WORK" in body["error"]["message"], body
+        status, body = post(url, "/v1/completions", yes, a)
+        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", body
+        assert post(url, "/v1/completions", yes, b)[0] == 200  # another client
+        assert post(url, "/v1/completions", {"prompt": "a", "max_tokens": 2}, a)[0] == 200  # no grammar: fine

@@ -56,6 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--grammar-max-work", type=int, metavar="N",
                    help="work one token of a grammar may cost, in llama.cpp's units (sets LLAMA_GRAMMAR_MAX_WORK; "
                         "default 50000000, about 0.5-1 s of one core with a 262k vocabulary; 0: unbounded)")
+    b.add_argument("--grammar-penalty", type=float, default=60.0, metavar="SECONDS",
+                   help="a client (API key, else address) whose grammar ran out of that budget gets 429 for its "
+                        "grammars this long (default: 60; 0: off)")
     b.add_argument("--schema-max-depth", type=int, default=64, help="JSON schema nesting (default: 64)")
     b.add_argument("--schema-max-nodes", type=int, default=50_000, help="JSON schema values (default: 50000)")
     p.set_defaults(fn=run)
@@ -71,7 +74,8 @@ def limits_of(args: argparse.Namespace) -> Any:
                   max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                   grammar=GrammarLimits(max_bytes=args.grammar_max_bytes, max_rules=args.grammar_max_rules,
                                         max_alternations=args.grammar_max_alternatives),
-                  schema=SchemaLimits(max_depth=args.schema_max_depth, max_nodes=args.schema_max_nodes))
+                  schema=SchemaLimits(max_depth=args.schema_max_depth, max_nodes=args.schema_max_nodes),
+                  grammar_penalty_s=args.grammar_penalty)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,14 @@ async def _unless_gone(request: HTTPRequest, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
+def _client_of(request: HTTPRequest) -> str:
+    """Who sent a request, for the grammar penalty: its API key where it has one, else its address."""
+    key = request.headers.get("authorization") or request.headers.get("x-api-key")
+    if key:
+        return "key:" + key.removeprefix("Bearer ")
+    return "addr:" + (request.client.host if request.client else "")
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -117,6 +125,7 @@ class Server:
         self.running = 0  # completions being answered (a stream until its last chunk)
         self.stopping = False
         self._probes = anyio.CapacityLimiter(1)
+        self._penalty: dict[str, float] = {}  # client -> until when its grammars are refused
 
     async def aclose(self) -> None:
         self.stopping = True
@@ -148,7 +157,12 @@ class Server:
             raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
         if self.limits.max_prompt_tokens is not None:
             await self._check_prompt(call.options)
+        client = ""
         if "grammar" in call.options:
+            client = _client_of(request)
+            if self._penalty.get(client, 0.0) > time.monotonic():
+                raise APIError(429, "a grammar of this client ran out of llama.cpp's work budget lately: no grammar "
+                               "from it for a while", type="rate_limit_error", param="grammar", code="rate_limit_exceeded")
             await self._probe_grammar(call.options["grammar"])
         ans = Answer(kind, self.name, self.pieces, call.top_logprobs, kind == "chat" and not self.jinja)
         # an async generator (annotated as an iterator): closing it cancels the request
@@ -157,14 +171,14 @@ class Server:
         streaming = False
         try:
             if not call.stream:
-                done = await _unless_gone(request, self._collect(events, ans))
+                done = await _unless_gone(request, self._collect(events, ans, client))
                 return JSONResponse(ans.response(done))
             first = await _unless_gone(request, events.__anext__())  # submit's errors answer with their status
             if isinstance(first, DoneEvent):
-                self.stats.record(first)
+                self._record(first, client)
                 _check(first)
             streaming = True
-            return StreamingResponse(self._stream(ans, first, events, call.include_usage),
+            return StreamingResponse(self._stream(ans, first, events, call.include_usage, client),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         finally:
             if not streaming:
@@ -210,16 +224,26 @@ class Server:
         except InvalidInputError as e:
             raise APIError(400, str(e), param="grammar", code="invalid_value") from None
 
-    async def _collect(self, events: AsyncIterator[Event], ans: Answer) -> DoneEvent:
+    def _record(self, done: DoneEvent, client: str) -> None:
+        """Count a finished request; a client grammar past the work budget puts its client in the penalty box."""
+        self.stats.record(done)
+        if client and done.error is not None and "LLAMA_GRAMMAR_MAX_WORK" in str(done.error):
+            if self.limits.grammar_penalty_s > 0:
+                self._penalty[client] = time.monotonic() + self.limits.grammar_penalty_s
+                if len(self._penalty) > 10_000:  # forget those whose time is up
+                    now = time.monotonic()
+                    self._penalty = {k: t for k, t in self._penalty.items() if t > now}
+
+    async def _collect(self, events: AsyncIterator[Event], ans: Answer, client: str) -> DoneEvent:
         async for ev in events:
             if isinstance(ev, DoneEvent):
-                self.stats.record(ev)
+                self._record(ev, client)
                 return _check(ev)
             ans.take(ev)
         raise LlamaError("the request ended without a result")
 
     async def _stream(self, ans: Answer, ev: Event, events: AsyncGenerator[Event, None],
-                      include_usage: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, client: str) -> AsyncIterator[bytes]:
         """The chunks, one write per token; ``data: [DONE]`` at the end, or the error that ended it
         (after a last chunk with its ``finish_reason`` where the text so far stands: a shutdown, a
         grammar over its budget)."""
@@ -231,7 +255,7 @@ class Server:
                 if out:
                     yield out
                 ev = await events.__anext__()
-            self.stats.record(ev)
+            self._record(ev, client)
             try:
                 _check(ev)
             except APIError as e:

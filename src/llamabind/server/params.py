@@ -23,7 +23,9 @@ class Limits:
     bound the body before it is parsed (413 / 400); ``max_prompt_tokens`` (None: the context's
     size) the rendered prompt; ``default_max_tokens`` caps a request that names no
     ``max_tokens``; ``grammar`` bounds every GBNF grammar a client sends, ``schema`` every JSON
-    schema (response formats and tool parameters)."""
+    schema (response formats and tool parameters). A client whose grammar ran out of llama.cpp's
+    work budget (``LLAMA_GRAMMAR_MAX_WORK``) gets 429 for its grammars for ``grammar_penalty_s``
+    (0: never): each such grammar costs the engine's thread up to a budget of work, once."""
 
     max_body_bytes: int = 4 << 20
     max_json_depth: int = 128
@@ -32,6 +34,7 @@ class Limits:
     grammar: GrammarLimits = field(default_factory=lambda: GrammarLimits(max_bytes=128 << 10, max_rules=2000,
                                                                          max_alternations=20_000))
     schema: SchemaLimits = field(default_factory=SchemaLimits)
+    grammar_penalty_s: float = 60.0
 
 
 class APIError(Exception):
