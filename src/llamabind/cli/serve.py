@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     import llamabind as lb
 
-    from ..server.app import read_key_file
+    from ..server.auth import read_key_file
 
     if args.grammar_max_work is not None:  # read once, at the first grammar llama.cpp applies
         os.environ["LLAMA_GRAMMAR_MAX_WORK"] = str(args.grammar_max_work)

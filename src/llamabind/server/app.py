@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from ..generation.events import DoneEvent
 from ..model import Model
 from ..sampler import TOKEN_DATA, Sampler
 from .params import APIError, Call, Limits, chat_call, completion_call, embedding_input, parse_body
+from .auth import KeyCheck, client_of
 from .metrics import Stats
 from .shapes import Answer, Pieces
 
@@ -95,14 +95,6 @@ async def _unless_gone(request: HTTPRequest, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
-def _client_of(request: HTTPRequest) -> str:
-    """Who sent a request, for the grammar penalty: its API key where it has one, else its address."""
-    key = request.headers.get("authorization") or request.headers.get("x-api-key")
-    if key:
-        return "key:" + key.removeprefix("Bearer ")
-    return "addr:" + (request.client.host if request.client else "")
-
-
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -159,7 +151,7 @@ class Server:
             await self._check_prompt(call.options)
         client = ""
         if "grammar" in call.options:
-            client = _client_of(request)
+            client = client_of(request)
             if self._penalty.get(client, 0.0) > time.monotonic():
                 raise APIError(429, "a grammar of this client ran out of llama.cpp's work budget lately: no grammar "
                                "from it for a while", type="rate_limit_error", param="grammar", code="rate_limit_exceeded")
@@ -330,40 +322,6 @@ def create_app(model: Source, *, model_name: str | None = None, n_slots: int = 4
     srv = Server(aeng, _name(getattr(aeng.engine.ctx, "model", model), model_name), emb,
                  _name(embedding_model, embedding_name) if emb is not None else "", owned, limits or Limits())
     return _routes(srv, api_keys, metrics)
-
-
-PUBLIC = frozenset({"/health", "/v1/health"})  # as llama-server: answered without a key
-
-
-class KeyCheck:
-    """ASGI middleware: every request but ``PUBLIC`` paths needs one of ``keys``, as llama-server
-    takes it (``Authorization: Bearer KEY``, else ``X-Api-Key: KEY``), compared in constant time;
-    401 in OpenAI's error shape otherwise."""
-
-    def __init__(self, app: Any, keys: Iterable[str]) -> None:
-        self.app = app
-        self.keys = tuple(k.encode() for k in keys)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC:
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])  # names are lower case in ASGI
-        given = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
-        if given.startswith(b"Bearer "):
-            given = given[7:]
-        ok = False
-        for key in self.keys:  # every key compared: the time says nothing about which one nearly matched
-            ok |= hmac.compare_digest(given, key)
-        if ok:
-            return await self.app(scope, receive, send)
-        err = APIError(401, "Invalid API Key", type="authentication_error", code="invalid_api_key")
-        await JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-
-
-def read_key_file(path: str | os.PathLike) -> list[str]:
-    """API keys from a file, one a line; blank lines and lines starting with ``#`` skipped (as llama-server)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
 def _routes(srv: Server, api_keys: Iterable[str], with_metrics: bool) -> Starlette:
