@@ -5,7 +5,7 @@ while another client keeps sending ambiguous grammars.
     python tests/stall_grammar.py [--runs 6] [--tokens 32] [--threads 2]
 
 ``first``: twelve ``[a-z ]*`` in a row, ambiguous from the first token (the server's probe
-refuses it on a worker thread); ``late``: the same after a literal longer than any token, so it
+refuses it on a worker thread, then 429 for that client); ``late``: the same after a literal longer than any token, so it
 reaches the engine and fails there, on llama.cpp's work budget; ``json``: no hostile client, an
 ordinary one asking for JSON by a schema's grammar, for comparison. Prints one JSON line per case:
 median TTFT, median and p95 ITL (seconds), and how many hostile requests were answered.
@@ -56,6 +56,8 @@ def hostile(port: int, grammar: str, stop: threading.Event, answers: list[int]) 
                   headers={"Content-Type": "application/json"})
         answers.append(c.getresponse().status)
         c.close()
+        if answers[-1] == 429:  # refused at once: a flood of cheap refusals is a proxy's rate limit's business
+            time.sleep(0.05)
 
 
 def measure(port: int, runs: int, tokens: int) -> dict[str, float]:

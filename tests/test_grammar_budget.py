@@ -90,14 +90,21 @@ def test_the_server_refuses_it_before_the_engine(gemma_model):
     from test_server import serving
     from test_server_hostile import is_openai_error, post
 
-    with serving(create_app(Engine.load(gemma_model, n_slots=2, n_ctx=1024, n_threads=2))) as url:
+    app = create_app(Engine.load(gemma_model, n_slots=2, n_ctx=1024, n_threads=2), api_keys=["k1", "k2"])
+    with serving(app) as url:
         t = time.perf_counter()
-        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": SEQ12})
+        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": SEQ12},
+                            {"Authorization": "Bearer k1"})
         assert status == 400 and is_openai_error(body) and body["error"]["param"] == "grammar", body
         assert "steps for one token" in body["error"]["message"] and time.perf_counter() - t < 10
-        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": 'root ::= "yes"'})
+        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": 'root ::= "yes"'},
+                            {"Authorization": "Bearer k1"})
+        assert status == 429, body  # that client is in the penalty box for a while
+        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": 'root ::= "yes"'},
+                            {"Authorization": "Bearer k2"})
         assert status == 200 and body["choices"][0]["text"] == "yes", body
-        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": "root ::= nope"})
+        status, body = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 4, "grammar": "root ::= nope"},
+                            {"Authorization": "Bearer k2"})
         assert status == 400 and "grammar" in body["error"]["message"].lower(), body
 
 

@@ -118,6 +118,7 @@ class Server:
         self.stopping = False
         self._probes = anyio.CapacityLimiter(1)
         self._penalty: dict[str, float] = {}  # client -> until when its grammars are refused
+        self.keyed = False  # whether clients are told apart by their API keys
 
     async def aclose(self) -> None:
         self.stopping = True
@@ -151,11 +152,11 @@ class Server:
             await self._check_prompt(call.options)
         client = ""
         if "grammar" in call.options:
-            client = client_of(request)
+            client = client_of(request, self.keyed)
             if self._penalty.get(client, 0.0) > time.monotonic():
                 raise APIError(429, "a grammar of this client ran out of llama.cpp's work budget lately: no grammar "
                                "from it for a while", type="rate_limit_error", param="grammar", code="rate_limit_exceeded")
-            await self._probe_grammar(call.options["grammar"])
+            await self._probe_grammar(call.options["grammar"], client)
         ans = Answer(kind, self.name, self.pieces, call.top_logprobs, kind == "chat" and not self.jinja)
         # an async generator (annotated as an iterator): closing it cancels the request
         events = self.engine.stream(**call.options)
@@ -196,7 +197,7 @@ class Server:
             raise APIError(400, f"the prompt has {n} tokens, more than the {most} this server takes",
                            param="messages" if "messages" in options else "prompt", code="context_length_exceeded")
 
-    async def _probe_grammar(self, grammar: str) -> None:
+    async def _probe_grammar(self, grammar: str, client: str) -> None:
         """A client's grammar parsed and applied once to the whole vocabulary, on a worker thread (one
         at a time): a malformed grammar, or one too ambiguous for llama.cpp's work budget
         (``LLAMA_GRAMMAR_MAX_WORK``), is a 400 before it can hold the engine's thread."""
@@ -214,17 +215,22 @@ class Server:
         try:
             await anyio.to_thread.run_sync(probe, limiter=self._probes)
         except InvalidInputError as e:
+            self._punish(client, e)
             raise APIError(400, str(e), param="grammar", code="invalid_value") from None
 
     def _record(self, done: DoneEvent, client: str) -> None:
-        """Count a finished request; a client grammar past the work budget puts its client in the penalty box."""
         self.stats.record(done)
-        if client and done.error is not None and "LLAMA_GRAMMAR_MAX_WORK" in str(done.error):
-            if self.limits.grammar_penalty_s > 0:
-                self._penalty[client] = time.monotonic() + self.limits.grammar_penalty_s
-                if len(self._penalty) > 10_000:  # forget those whose time is up
-                    now = time.monotonic()
-                    self._penalty = {k: t for k, t in self._penalty.items() if t > now}
+        if client and done.error is not None:
+            self._punish(client, done.error)
+
+    def _punish(self, client: str, error: BaseException) -> None:
+        """A client grammar past llama.cpp's work budget (in the probe or the engine) puts its client
+        in the penalty box: each such grammar costs a thread up to a budget of work."""
+        if "LLAMA_GRAMMAR_MAX_WORK" in str(error) and self.limits.grammar_penalty_s > 0:
+            now = time.monotonic()
+            self._penalty[client] = now + self.limits.grammar_penalty_s
+            if len(self._penalty) > 10_000:  # forget those whose time is up
+                self._penalty = {k: t for k, t in self._penalty.items() if t > now}
 
     async def _collect(self, events: AsyncIterator[Event], ans: Answer, client: str) -> DoneEvent:
         async for ev in events:
@@ -327,6 +333,7 @@ def create_app(model: Source, *, model_name: str | None = None, n_slots: int = 4
 def _routes(srv: Server, api_keys: Iterable[str], with_metrics: bool) -> Starlette:
     lim = srv.limits
     keys = [k for k in api_keys if k]
+    srv.keyed = bool(keys)
 
     async def body_of(request: HTTPRequest) -> Any:
         """The body as JSON, read no further than ``max_body_bytes`` (413 past it)."""

@@ -46,9 +46,10 @@ def read_key_file(path: str | os.PathLike) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
-def client_of(request: HTTPRequest) -> str:
-    """Who sent a request, for the grammar penalty: its API key where it has one, else its address."""
-    key = request.headers.get("authorization") or request.headers.get("x-api-key")
+def client_of(request: HTTPRequest, keyed: bool) -> str:
+    """Who sent a request, for the grammar penalty: its API key on a server that checks keys (else
+    the header is the client's to choose), otherwise its address."""
+    key = request.headers.get("authorization") or request.headers.get("x-api-key") if keyed else None
     if key:
         return "key:" + key.removeprefix("Bearer ")
     return "addr:" + (request.client.host if request.client else "")
