@@ -326,12 +326,13 @@ class Run:
                 "deaths": self.deaths, "findings": self.findings[:5]}
 
 
-def fuzz(run: Run, examples: int, seed: int | None = None) -> None:
+def fuzz(run: Run, examples: int, seed: int | None = None, hostile_only: bool = False) -> None:
     """Send ``examples`` bodies (and odd methods and paths); AssertionError at the first finding."""
+    chosen = hostile() if hostile_only else bodies
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(st.one_of(bodies.map(lambda x: (x[0], "POST", x[1], x[2])), odd_request()))
+    @given(st.one_of(chosen.map(lambda x: (x[0], "POST", x[1], x[2])), odd_request()))
     def body(case: tuple[str, str, str, Any]) -> None:
         run.one(*case)
 
@@ -350,11 +351,12 @@ def main() -> int:
     ap.add_argument("--url", help="a server already running on 127.0.0.1 (else one is started on the tiny model)")
     ap.add_argument("--model", help="the GGUF to serve (default: the tiny random llama, Qwen3's template)")
     ap.add_argument("--plain", action="store_true", help="the tiny model without a chat template")
+    ap.add_argument("--hostile", action="store_true", help="hostile bodies only (and odd methods and paths)")
     args = ap.parse_args()
     if args.url:
         run = Run(int(args.url.rsplit(":", 1)[1].rstrip("/")), None)
         try:
-            fuzz(run, args.examples, args.seed)
+            fuzz(run, args.examples, args.seed, args.hostile)
         finally:
             print(json.dumps(run.totals()))
         return 0 if not run.findings else 1
@@ -363,7 +365,7 @@ def main() -> int:
         with server(model) as (port, proc):
             run = Run(port, proc)
             try:
-                fuzz(run, args.examples, args.seed)
+                fuzz(run, args.examples, args.seed, args.hostile)
             finally:
                 print(json.dumps(run.totals()), flush=True)
     return 0 if not run.findings else 1

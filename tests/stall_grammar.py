@@ -78,13 +78,15 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="idle,first,idle,late,idle,json")
+    ap.add_argument("--server-args", default="", help="more flags for serve, e.g. '--grammar-penalty 0'")
     args = ap.parse_args()
     from llamabind.chat import json_schema_to_grammar
     from llamabind.models import default_model_path
 
     HOSTILE["json"] = json_schema_to_grammar(SCHEMA)
 
-    with server(str(default_model_path()), ["--slots", "4", "-t", str(args.threads)]) as (port, _):
+    extra = ["--slots", "4", "-t", str(args.threads), *args.server_args.split()]
+    with server(str(default_model_path()), extra) as (port, _):
         timed_stream(port, 4)  # warm up
         for case in args.cases.split(","):
             stop, answers = threading.Event(), []
