@@ -87,6 +87,8 @@ def jinja(tmp_path_factory):
 def test_the_old_500s_are_400s(plain):
     refused(plain, "/v1/chat/completions", "[" * 100_000 + "]" * 100_000)  # RecursionError
     refused(plain, "/v1/completions", {"prompt": "a", "top_k": 2 ** 40})  # cffi OverflowError
+    for name in ("temperature", "repeat_penalty", "top_p"):  # found by fuzz_http.py: a float from a huge int
+        assert refused(plain, "/v1/completions", {"prompt": "a", name: 10 ** 400})["param"] == name
     refused(plain, "/v1/completions", '{"prompt": "a", "grammar": "root ::= \\"\\ud800\\""}')  # lone surrogate
     refused(plain, "/v1/chat/completions", {"messages": MSGS, "response_format": {  # AttributeError
         "type": "json_schema", "json_schema": "not an object"}})

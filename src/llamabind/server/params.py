@@ -106,6 +106,11 @@ def _get(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], wha
 def _number(body: Mapping[str, Any], name: str, lo: float | None = None, hi: float | None = None,
             integer: bool = False) -> Any:
     v = _get(body, name, int if integer else (int, float), "an integer" if integer else "a number")
+    if v is not None and not integer and isinstance(v, int):
+        try:
+            v = float(v)
+        except OverflowError:  # JSON integers have no bound; floats do
+            raise bad(name, f"'{name}' is too large") from None
     if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
         span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
         raise bad(name, f"'{name}' must be {span}, not {v}")
