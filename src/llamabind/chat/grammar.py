@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import InvalidInputError
+from ..gbnf import SchemaLimits, check_json_schema
 from ..raw import ffi, lib, take_text
 from ..sampler import Sampler
 from .types import ChatPrompt
@@ -18,15 +19,31 @@ if TYPE_CHECKING:
 _SPECIAL = re.compile(r"[.^$|()*+?\[\]{}\\]")  # what llama.cpp's regex_escape escapes
 
 
-def json_schema_to_grammar(schema: Mapping[str, Any] | str) -> str:
-    """The GBNF grammar for a JSON schema (a mapping or JSON text), by llama.cpp's converter."""
+def json_schema_to_grammar(schema: Mapping[str, Any] | str, limits: SchemaLimits | None = None) -> str:
+    """The GBNF grammar for a JSON schema (a mapping or JSON text), by llama.cpp's converter;
+    InvalidInputError for a schema ``check_json_schema`` refuses (a ``$ref`` cycle, past ``limits``)."""
     try:
-        text = schema if isinstance(schema, str) else json.dumps(schema)
+        text = json.dumps(check_json_schema(schema, limits))
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"the schema is not JSON: {e}") from None
     err = ffi.new("char[]", 1024)
     return take_text(lib.llamabind_json_schema_to_grammar(text.encode(), err, 1024), err,
                      "json schema to grammar", InvalidInputError)
+
+
+def check_request_schemas(body: Mapping[str, Any], limits: SchemaLimits | None = None) -> None:
+    """``check_json_schema`` on every schema a chat request holds: ``json_schema``, ``response_format``'s
+    (``schema``, ``json_schema.schema``) and each tool's ``parameters``, as llama.cpp converts them."""
+    rf = body.get("response_format")
+    rf = rf if isinstance(rf, Mapping) else {}
+    inner = rf.get("json_schema")
+    found = [body.get("json_schema"), rf.get("schema"), inner.get("schema") if isinstance(inner, Mapping) else None]
+    for tool in body.get("tools") or ():
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        found.append(fn.get("parameters") if isinstance(fn, Mapping) else None)
+    for schema in found:
+        if isinstance(schema, (Mapping, str)):
+            check_json_schema(schema, limits)
 
 
 def preserved_token_ids(vocab: "Vocab", prompt: ChatPrompt) -> frozenset[int]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from .._handle import Handle
 from ..errors import InputNotFoundError, InvalidInputError
 from ..raw import ffi, lib, take_text
+from .grammar import check_request_schemas
 from .types import ChatPrompt
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ def _check_request(body: Mapping[str, Any]) -> None:
             if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
                 raise InvalidInputError(f"message {i}: tool call {j} needs a function with a name")
     _check_tools(body.get("tools"))
+    check_request_schemas(body)  # before llama.cpp converts them: a $ref cycle would overflow its stack
 
 
 def _check_tools(tools: Iterable[Any] | None) -> None:

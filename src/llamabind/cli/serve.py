@@ -10,8 +10,11 @@ requests decode together in one batch, sharing ``--ctx`` KV cells. Needs ``llama
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from .common import model_args, model_path, progress_bar
 
@@ -32,8 +35,47 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--embedding-model", help="a GGUF embedding model for /v1/embeddings")
     p.add_argument("--pooling", choices=["mean", "cls", "last"],
                    help="the embedding model's pooling (default: its own)")
+    p.add_argument("--metrics", action="store_true", help="serve /metrics (Prometheus text, llama-server's names)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, seconds running requests get to end before they are cut "
+                        "(their streams get a last chunk and an error; default: 10)")
+    a = p.add_argument_group("authentication (every endpoint but /health; docs/serving.md)")
+    a.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="a key clients send as 'Authorization: Bearer KEY' (repeatable; commas separate keys too)")
+    a.add_argument("--api-key-file", metavar="FILE", help="keys, one a line ('#' starts a comment line)")
+    b = p.add_argument_group("bounds on one request (an exposed server needs them: docs/serving.md)")
+    b.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413 (default: 4 MiB)")
+    b.add_argument("--max-json-depth", type=int, default=128, help="deeper JSON bodies get 400 (default: 128)")
+    b.add_argument("--max-prompt-tokens", type=int, help="longer prompts get 400 (default: the context's size)")
+    b.add_argument("--default-max-tokens", type=int, default=4096,
+                   help="max_tokens of a request that names none (default: 4096)")
+    b.add_argument("--grammar-max-bytes", type=int, default=128 << 10, help="GBNF grammar size (default: 128 KiB)")
+    b.add_argument("--grammar-max-rules", type=int, default=2000, help="GBNF grammar rules (default: 2000)")
+    b.add_argument("--grammar-max-alternatives", type=int, default=20_000,
+                   help="GBNF alternatives, '|' (default: 20000)")
+    b.add_argument("--grammar-max-work", type=int, metavar="N",
+                   help="work one token of a grammar may cost, in llama.cpp's units (sets LLAMA_GRAMMAR_MAX_WORK; "
+                        "default 50000000, about 0.5-1 s of one core with a 262k vocabulary; 0: unbounded)")
+    b.add_argument("--grammar-penalty", type=float, default=60.0, metavar="SECONDS",
+                   help="a client (API key, else address) whose grammar ran out of that budget gets 429 for its "
+                        "grammars this long (default: 60; 0: off)")
+    b.add_argument("--schema-max-depth", type=int, default=64, help="JSON schema nesting (default: 64)")
+    b.add_argument("--schema-max-nodes", type=int, default=50_000, help="JSON schema values (default: 50000)")
     p.set_defaults(fn=run)
     return p
+
+
+def limits_of(args: argparse.Namespace) -> Any:
+    """The server's Limits from the command line."""
+    from ..gbnf import GrammarLimits, SchemaLimits
+    from ..server import Limits
+
+    return Limits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth,
+                  max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
+                  grammar=GrammarLimits(max_bytes=args.grammar_max_bytes, max_rules=args.grammar_max_rules,
+                                        max_alternations=args.grammar_max_alternatives),
+                  schema=SchemaLimits(max_depth=args.schema_max_depth, max_nodes=args.schema_max_nodes),
+                  grammar_penalty_s=args.grammar_penalty)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +88,50 @@ def run(args: argparse.Namespace) -> int:
         return 1
     import llamabind as lb
 
+    from ..server.auth import read_key_file
+
+    if args.grammar_max_work is not None:  # read once, at the first grammar llama.cpp applies
+        os.environ["LLAMA_GRAMMAR_MAX_WORK"] = str(args.grammar_max_work)
+
+    keys = [k for arg in args.api_key for k in arg.split(",") if k]
+    try:
+        keys += read_key_file(args.api_key_file) if args.api_key_file else []
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read --api-key-file: {e}", file=sys.stderr)
+        return 1
+    if args.api_key_file and not keys:
+        print(f"error: {args.api_key_file} holds no key", file=sys.stderr)
+        return 1
     with lb.Model(model_path(args, chat=True), n_gpu_layers=args.n_gpu_layers, progress=progress_bar("loading")) as model:
         app = create_app(model, model_name=args.alias, n_slots=args.slots, n_ctx=args.ctx_size,
                          n_threads=args.threads, embedding_model=args.embedding_model,
                          embedding_pooling=args.pooling, max_queue=args.max_queue,
-                         n_batch=args.batch_size, n_ubatch=args.ubatch_size)
+                         n_batch=args.batch_size, n_ubatch=args.ubatch_size, limits=limits_of(args), api_keys=keys,
+                         metrics=args.metrics)
         print(f"serving {app.state.server.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+        graceful(uvicorn.Server, app.state.server, args.shutdown_timeout)(config).run()
     return 0
+
+
+def graceful(base: Any, srv: Any, timeout: float) -> Any:
+    """A uvicorn Server class that, on SIGTERM/SIGINT, stops listening, gives running requests
+    ``timeout`` seconds, ends the rest (streams with a last chunk and an error), and returns
+    (exit status 0) instead of raising the signal again."""
+
+    class Graceful(base):  # type: ignore[misc, valid-type]
+        async def shutdown(self, sockets: Any = None) -> None:
+            drain = asyncio.ensure_future(srv.drain(timeout))  # runs while uvicorn waits for connections
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await drain
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()  # the signal asked for this shutdown, which is done
+
+    return Graceful

@@ -79,7 +79,10 @@ def _schema(opts: Mapping[str, Any]) -> Any:
         if kind == "json_object":
             schema = rf.get("schema", schema if schema is not None else {})
         elif kind == "json_schema":
-            schema = (rf.get("json_schema") or {}).get("schema", {})
+            inner = rf.get("json_schema") or {}
+            if not isinstance(inner, Mapping):
+                raise InvalidInputError("response_format's json_schema must be a mapping with a 'schema'")
+            schema = inner.get("schema", {})
         elif kind not in (None, "text"):
             raise InvalidInputError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
     elif rf is not None:

@@ -2,6 +2,6 @@
 ``create_app(model)`` gives an ASGI app to run with uvicorn; ``python -m llamabind serve`` runs one."""
 
 from .app import Server, create_app
-from .params import APIError
+from .params import APIError, Limits
 
-__all__ = ["APIError", "Server", "create_app"]
+__all__ = ["APIError", "Limits", "Server", "create_app"]

@@ -3,11 +3,38 @@ fields), with llama-server's extensions; anything wrong is an ``APIError`` namin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from ..chat.grammar import check_request_schemas
+from ..errors import InvalidInputError
+from ..gbnf import GrammarLimits, SchemaLimits, check_grammar
 
 # llama-server's sampling defaults (the engine's own default is greedy)
 DEFAULT_TEMPERATURE = 0.8
+INT32_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of an exposed server. ``max_body_bytes`` and ``max_json_depth``
+    bound the body before it is parsed (413 / 400); ``max_prompt_tokens`` (None: the context's
+    size) the rendered prompt; ``default_max_tokens`` caps a request that names no
+    ``max_tokens``; ``grammar`` bounds every GBNF grammar a client sends, ``schema`` every JSON
+    schema (response formats and tool parameters). A client whose grammar ran out of llama.cpp's
+    work budget (``LLAMA_GRAMMAR_MAX_WORK``) gets 429 for its grammars for ``grammar_penalty_s``
+    (0: never): each such grammar costs the engine's thread up to a budget of work, once."""
+
+    max_body_bytes: int = 4 << 20
+    max_json_depth: int = 128
+    max_prompt_tokens: int | None = None
+    default_max_tokens: int = 4096
+    grammar: GrammarLimits = field(default_factory=lambda: GrammarLimits(max_bytes=128 << 10, max_rules=2000,
+                                                                         max_alternations=20_000))
+    schema: SchemaLimits = field(default_factory=SchemaLimits)
+    grammar_penalty_s: float = 60.0
 
 
 class APIError(Exception):
@@ -20,6 +47,35 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_body(raw: bytes, max_depth: int) -> Any:
+    """A request body as JSON, or a 400: not UTF-8 JSON, ``NaN``/``Infinity`` (Python's parser takes
+    them, JSON has none), a lone surrogate escape (no UTF-8 text holds one), nesting past ``max_depth``."""
+    try:
+        body = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {max_depth} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    todo: list[tuple[Any, int]] = [(body, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                raise APIError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), not text")
+        elif isinstance(v, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"the request body nests deeper than {max_depth} levels")
+            todo.extend((x, depth + 1) for x in (v if isinstance(v, list) else (*v.keys(), *v.values())))
+    return body
 
 
 def bad(param: str, message: str) -> APIError:
@@ -50,6 +106,11 @@ def _get(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], wha
 def _number(body: Mapping[str, Any], name: str, lo: float | None = None, hi: float | None = None,
             integer: bool = False) -> Any:
     v = _get(body, name, int if integer else (int, float), "an integer" if integer else "a number")
+    if v is not None and not integer and isinstance(v, int):
+        try:
+            v = float(v)
+        except OverflowError:  # JSON integers have no bound; floats do
+            raise bad(name, f"'{name}' is too large") from None
     if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
         span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
         raise bad(name, f"'{name}' must be {span}, not {v}")
@@ -83,7 +144,7 @@ def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
     return out
 
 
-def _common(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+def _common(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
     """What chat and text completions share: length, sampling, stops, streaming."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -93,15 +154,15 @@ def _common(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
     opts: dict[str, Any] = {}
     limit = None
     for name in ("max_completion_tokens", "max_tokens", "n_predict"):
-        v = _number(body, name, integer=True)
+        v = _number(body, name, hi=None if name == "n_predict" else 2 ** 63 - 1, integer=True)
         if v is not None and not (name == "n_predict" and v < 0):
             if v < 1:
                 raise bad(name, f"'{name}' must be >= 1, not {v}")
             limit = v if limit is None else limit
-    opts["max_tokens"] = limit if limit is not None else n_ctx_seq  # as llama-server: until the context is full
+    opts["max_tokens"] = limit if limit is not None else min(n_ctx_seq, limits.default_max_tokens)
     t = _number(body, "temperature", 0)
     opts["temperature"] = DEFAULT_TEMPERATURE if t is None else float(t)
-    for name, lo, hi, integer in (("top_p", 0, 1, False), ("min_p", 0, 1, False), ("top_k", 0, None, True),
+    for name, lo, hi, integer in (("top_p", 0, 1, False), ("min_p", 0, 1, False), ("top_k", 0, INT32_MAX, True),
                                   ("frequency_penalty", -2, 2, False), ("presence_penalty", -2, 2, False),
                                   ("repeat_penalty", 0, None, False), ("seed", None, None, True)):
         v = _number(body, name, lo, hi, integer)
@@ -115,6 +176,10 @@ def _common(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
         opts["logit_bias"] = bias
     grammar = _get(body, "grammar", str, "a GBNF grammar")
     if grammar:
+        try:
+            check_grammar(grammar, limits.grammar)
+        except InvalidInputError as e:
+            raise bad("grammar", str(e)) from None
         opts["grammar"] = grammar
     if _get(body, "ignore_eos", bool, "a boolean"):
         opts["ignore_eog"] = True
@@ -126,9 +191,9 @@ def _common(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
     return Call(opts, stream, usage)
 
 
-def chat_call(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+def chat_call(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
     """A ``/v1/chat/completions`` body as an engine request."""
-    call = _common(body, n_ctx_seq)
+    call = _common(body, n_ctx_seq, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list")
@@ -159,12 +224,20 @@ def chat_call(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
     rf = opts.get("response_format")
     if rf is not None and rf.get("type") not in ("text", "json_object", "json_schema"):
         raise bad("response_format", "'response_format.type' must be text, json_object or json_schema")
+    if rf is not None and rf.get("type") == "json_schema":
+        inner = rf.get("json_schema")
+        if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
+            raise bad("response_format", "'response_format.json_schema' must be an object with a 'schema' object")
+    try:
+        check_request_schemas(opts, limits.schema)
+    except InvalidInputError as e:
+        raise bad("response_format" if rf is not None else "tools" if tools else "json_schema", str(e)) from None
     return call
 
 
-def completion_call(body: Mapping[str, Any], n_ctx_seq: int) -> Call:
+def completion_call(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
     """A ``/v1/completions`` body as an engine request: one prompt, text or token ids."""
-    call = _common(body, n_ctx_seq)
+    call = _common(body, n_ctx_seq, limits)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -200,4 +273,4 @@ def embedding_input(body: Mapping[str, Any]) -> tuple[list[str], int | None, boo
     fmt = body.get("encoding_format")
     if fmt not in (None, "float", "base64"):
         raise bad("encoding_format", "'encoding_format' must be float or base64")
-    return texts, _number(body, "dimensions", 1, integer=True), fmt == "base64"
+    return texts, _number(body, "dimensions", 1, INT32_MAX, integer=True), fmt == "base64"

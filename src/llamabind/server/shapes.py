@@ -11,7 +11,9 @@ from ..generation.events import DoneEvent, TokenEvent, Usage
 from ..generation.logprobs import TokenLogprob
 from ..vocab import Vocab
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "deadline": "length"}
+# a request cut short (a deadline, a shutdown, an error after some text) ends as a length limit would
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "deadline": "length", "cancelled": "length",
+           "error": "length"}
 
 
 def finish_reason(done: DoneEvent) -> str:
