@@ -43,12 +43,12 @@ def _wait_ready(port: int, proc: subprocess.Popen) -> None:
     raise RuntimeError("the server did not come up")
 
 
-def ours_trace(model_path: str, trace: list[dict], np_: int, n_ctx: int, threads: int) -> dict:
+def ours_trace(model_path: str, trace: list[dict], np_: int, n_ctx: int, threads: int, ngl: int) -> dict:
     """The trace against ``python -m llamabind serve`` over streamed /v1/completions."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llamabind", "serve", "-m", model_path, "--port", str(port),
                              "--slots", str(np_), "--ctx", str(n_ctx), "-b", "2048", "-ub", "512",
-                             "-t", str(threads), "--alias", "bench"],
+                             "-t", str(threads), "-ngl", str(ngl), "--alias", "bench"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(port, proc)
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--rate", type=float, default=0.25, help="arrivals per second")
     ap.add_argument("--np", type=int, default=4, help="slots on both sides")
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                    help="layers offloaded on both sides (-1: all; default 0, the CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.model is None:
@@ -109,9 +111,9 @@ def main() -> None:
     for rep in range(args.reps):
         for name in ("llama-server", "llamabind-server") if rep % 2 == 0 else ("llamabind-server", "llama-server"):
             if name == "llama-server":
-                row = server_trace(tool, args.model, trace, args.np, n_ctx, args.threads)
+                row = server_trace(tool, args.model, trace, args.np, n_ctx, args.threads, args.n_gpu_layers)
             else:
-                row = ours_trace(args.model, trace, args.np, n_ctx, args.threads)
+                row = ours_trace(args.model, trace, args.np, n_ctx, args.threads, args.n_gpu_layers)
             row.update(bench="server", rep=rep)
             emit(args, row)
 

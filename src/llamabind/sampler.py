@@ -313,10 +313,6 @@ class Sampler(Handle):
             out.append(p)
         return out
 
-    def _use(self) -> "_Use":
-        """Hold the sampler for one call into llama.cpp (``with s._use() as ptr``)."""
-        return _Use(self)
-
     def close(self) -> None:
         """Free the sampler; from another thread this waits for a running sample (BusyError from
         inside a Python sampler's own callback)."""
@@ -347,7 +343,7 @@ class Sampler(Handle):
             raise InvalidInputError(f"token id {token!r} out of range")
         token = int(token)
         self._check_token_ids(np.array([token]))
-        with self._use() as ptr:
+        with _Use(self) as ptr:
             if self._grammar_paths:
                 one = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
                 arr = _token_array(one)
@@ -368,7 +364,7 @@ class Sampler(Handle):
             raise InvalidInputError("candidates must be writeable (the sampler edits them in place)")
         self._check_token_ids(candidates["id"])
         arr = _token_array(candidates)
-        with self._use() as ptr:
+        with _Use(self) as ptr:
             self._raised(lib.llamabind_sampler_apply(ptr, arr, _err.buf, 512) != 0)
         return int(arr.selected)
 
@@ -382,7 +378,7 @@ class Sampler(Handle):
         """An independent copy with the same state (not for chains holding Python samplers)."""
         if any(self._keep):
             raise InvalidInputError("samplers written in Python cannot be cloned")
-        with self._use() as ptr:
+        with _Use(self) as ptr:
             twin = Sampler(lib.llama_sampler_clone(ptr), self._what, vocab=self._vocab, n_vocab=self._n_vocab)
         twin._grammar_paths, twin._greedy = list(self._grammar_paths), self._greedy
         return twin

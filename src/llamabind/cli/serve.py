@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     model_args(p, ctx_size=8192, ctx_help="KV cells, shared by all slots (default: 8192)")
     p.add_argument("--ctx", dest="ctx_size", type=int, default=argparse.SUPPRESS, help="the same as --ctx-size")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     p.add_argument("-np", "--slots", type=int, default=4, help="requests decoded together (default: 4)")
     p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch (default: 2048)")
     p.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch (default: 512)")
