@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _int32(v: int, name: str) -> int:
+    """``v`` for a C int32 parameter (cffi would raise OverflowError past it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -2**31 <= v < 2**31:
+        raise InvalidInputError(f"{name} must be an int in the int32 range, not {v!r}")
+    return int(v)
 
 
 def _seed(seed: int | None) -> int:
@@ -81,7 +89,7 @@ class Sampler(Handle):
 
     @classmethod
     def top_k(cls, k: int) -> "Sampler":
-        return cls(lib.llama_sampler_init_top_k(k), "top_k")
+        return cls(lib.llama_sampler_init_top_k(_int32(k, "top_k")), "top_k")
 
     @classmethod
     def top_p(cls, p: float, min_keep: int = 1) -> "Sampler":
@@ -171,7 +179,8 @@ class Sampler(Handle):
         """Repetition, frequency and presence penalties over the last ``last_n`` tokens."""
         if repeat <= 0:
             raise InvalidInputError("repeat penalty must be > 0 (1.0 disables it)")
-        return cls(lib.llama_sampler_init_penalties(0, last_n, repeat, frequency, presence), "penalties")
+        return cls(lib.llama_sampler_init_penalties(0, _int32(last_n, "last_n"), repeat, frequency, presence),
+                   "penalties")
 
     @classmethod
     def dry(cls, vocab: "Vocab", n_ctx_train: int, multiplier: float = 0.8, base: float = 1.75,
@@ -313,6 +322,19 @@ class Sampler(Handle):
             out.append(p)
         return out
 
+    @contextmanager
+    def _inside(self) -> Iterator[Any]:
+        """One call into llama.cpp: through the gate, marked as inside C (a Python sampler's
+        callback calling back into this sampler is refused)."""
+        gate = self._gate
+        with gate:
+            ptr = self._usable()
+            gate.in_c = True
+            try:
+                yield ptr
+            finally:
+                gate.in_c = False
+
     def close(self) -> None:
         """Free the sampler; from another thread this waits for a running sample (BusyError from
         inside a Python sampler's own callback)."""
@@ -343,7 +365,7 @@ class Sampler(Handle):
             raise InvalidInputError(f"token id {token!r} out of range")
         token = int(token)
         self._check_token_ids(np.array([token]))
-        with _Use(self) as ptr:
+        with self._inside() as ptr:
             if self._grammar_paths:
                 one = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
                 arr = _token_array(one)
@@ -364,7 +386,7 @@ class Sampler(Handle):
             raise InvalidInputError("candidates must be writeable (the sampler edits them in place)")
         self._check_token_ids(candidates["id"])
         arr = _token_array(candidates)
-        with _Use(self) as ptr:
+        with self._inside() as ptr:
             self._raised(lib.llamabind_sampler_apply(ptr, arr, _err.buf, 512) != 0)
         return int(arr.selected)
 
@@ -378,35 +400,10 @@ class Sampler(Handle):
         """An independent copy with the same state (not for chains holding Python samplers)."""
         if any(self._keep):
             raise InvalidInputError("samplers written in Python cannot be cloned")
-        with _Use(self) as ptr:
+        with self._inside() as ptr:
             twin = Sampler(lib.llama_sampler_clone(ptr), self._what, vocab=self._vocab, n_vocab=self._n_vocab)
         twin._grammar_paths, twin._greedy = list(self._grammar_paths), self._greedy
         return twin
-
-
-class _Use:
-    """One call into llama.cpp with a sampler: through its gate, marked as inside C (a Python
-    sampler's callback calling back into it is refused)."""
-
-    __slots__ = ("_gate", "_s")
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._s, self._gate = sampler, sampler._gate
-
-    def __enter__(self) -> Any:
-        gate = self._gate
-        gate.enter()
-        try:
-            ptr = self._s._usable()
-        except BaseException:
-            gate.exit()
-            raise
-        gate.in_c = True
-        return ptr
-
-    def __exit__(self, *exc: object) -> None:
-        self._gate.in_c = False
-        self._gate.exit()
 
 
 def _token_array(candidates: np.ndarray) -> Any:
