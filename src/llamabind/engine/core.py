@@ -186,12 +186,12 @@ class Engine:
     # -- the owner -------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Admit, decode one batch, sample: the events of this step (possibly none)."""
-        self._check_open()
+        if self._closed or self._error is not None:
+            self._check_open()
         t0 = time.perf_counter()
         events: list[Event] = []
         ctx = self.ctx
-        ctx.claim(self)
-        with ctx.hold(self):
+        with ctx.hold(self):  # claimed since __init__: ClosedError once the context is closed
             if self._inbox:
                 self._take_inbox(events)
             if self._n_deadlines:

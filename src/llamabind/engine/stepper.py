@@ -169,6 +169,8 @@ class Step:
                 s.hist.append(s.pending)
                 s.n_pos += 1
                 emit(s, tok, logprob_of(logits[r], tok, s.top_n) if s.top_n >= 0 else None, now, events)
+            if not self.drafted and not self.prefill:
+                return
             ready: list = []
         else:
             ready = [self._read(s, r, r, logits) for r, s in enumerate(plain)]
