@@ -2,6 +2,7 @@
 #define LLAMABIND_SHIM_BUILD
 #include "llamabind_shim.h"
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <vector>
@@ -43,33 +44,100 @@ extern "C" int32_t llamabind_sampler_apply(llama_sampler * smpl, llama_token_dat
     }
 }
 
-extern "C" llama_token llamabind_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx, char * err,
-                                                size_t err_size) {
+namespace {
+
+// The candidates for output row idx, in this thread's buffer; false (err set) without logits.
+bool fill(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & cur, char * err, size_t err_size) {
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == nullptr) {
         fail(err, err_size, "no logits at this output row");
-        return LLAMA_TOKEN_NULL;
+        return false;
     }
     const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
-    thread_local std::vector<llama_token_data> cur;
     cur.resize(n_vocab);
     for (int32_t i = 0; i < n_vocab; i++) {
         cur[i] = llama_token_data{i, logits[i], 0.0f};
     }
-    llama_token_data_array arr = {cur.data(), cur.size(), -1, false};
-    if (llamabind_sampler_apply(smpl, &arr, err, err_size) != 0) {
-        return LLAMA_TOKEN_NULL;
-    }
+    return true;
+}
+
+// The token the samplers selected in arr, checked; LLAMA_TOKEN_NULL (err set) when there is none.
+llama_token selected(const llama_token_data_array & arr, size_t n_vocab, char * err, size_t err_size) {
     if (arr.selected < 0 || arr.selected >= (int64_t) arr.size) {
         fail(err, err_size, "the sampler selected no token (end a chain with greedy, dist or mirostat)");
         return LLAMA_TOKEN_NULL;
     }
     const llama_token token = arr.data[arr.selected].id;
-    if (token < 0 || token >= n_vocab) {
+    if (token < 0 || (size_t) token >= n_vocab) {
         fail(err, err_size, "the sampler selected a token id outside the vocabulary");
         return LLAMA_TOKEN_NULL;
     }
-    if (llamabind_sampler_accept(smpl, token, err, err_size) != 0) {
+    return token;
+}
+
+// Members first..n-1 of a chain over arr (what llama_sampler_chain_apply does for all of them).
+void apply_members(llama_sampler * chain, int32_t first, llama_token_data_array & arr) {
+    const int32_t n = llama_sampler_chain_n(chain);
+    for (int32_t i = first; i < n; i++) {
+        llama_sampler_apply(llama_sampler_chain_get(chain, i), &arr);
+    }
+}
+
+}  // namespace
+
+extern "C" llama_token llamabind_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx, char * err,
+                                                size_t err_size) {
+    thread_local std::vector<llama_token_data> cur;
+    if (!fill(ctx, idx, cur, err, err_size)) {
+        return LLAMA_TOKEN_NULL;
+    }
+    llama_token_data_array arr = {cur.data(), cur.size(), -1, false};
+    if (llamabind_sampler_apply(smpl, &arr, err, err_size) != 0) {
+        return LLAMA_TOKEN_NULL;
+    }
+    const llama_token token = selected(arr, cur.size(), err, err_size);
+    if (token == LLAMA_TOKEN_NULL || llamabind_sampler_accept(smpl, token, err, err_size) != 0) {
+        return LLAMA_TOKEN_NULL;
+    }
+    return token;
+}
+
+extern "C" llama_token llamabind_sampler_sample_checked(llama_sampler * chain, llama_context * ctx, int32_t idx,
+                                                        char * err, size_t err_size) {
+    thread_local std::vector<llama_token_data> cur;
+    if (!fill(ctx, idx, cur, err, err_size)) {
+        return LLAMA_TOKEN_NULL;
+    }
+    llama_sampler * grammar = llama_sampler_chain_get(chain, 0);
+    llama_token token = LLAMA_TOKEN_NULL;
+    try {
+        llama_token_data_array arr = {cur.data(), cur.size(), -1, false};
+        apply_members(chain, 1, arr);
+        token = selected(arr, cur.size(), err, err_size);
+        if (token == LLAMA_TOKEN_NULL) {
+            return LLAMA_TOKEN_NULL;
+        }
+        llama_token_data one = {token, 1.0f, 0.0f};
+        llama_token_data_array check = {&one, 1, -1, false};
+        llama_sampler_apply(grammar, &check);
+        if (one.logit == -INFINITY) {  // rejected: the grammar over every candidate, then the rest again
+            fill(ctx, idx, cur, err, err_size);
+            arr = {cur.data(), cur.size(), -1, false};
+            llama_sampler_apply(grammar, &arr);
+            apply_members(chain, 1, arr);
+            token = selected(arr, cur.size(), err, err_size);
+            if (token == LLAMA_TOKEN_NULL) {
+                return LLAMA_TOKEN_NULL;
+            }
+        }
+    } catch (const std::exception & e) {
+        fail(err, err_size, e.what());
+        return LLAMA_TOKEN_NULL;
+    } catch (...) {
+        fail(err, err_size, "unknown C++ exception");
+        return LLAMA_TOKEN_NULL;
+    }
+    if (llamabind_sampler_accept(chain, token, err, err_size) != 0) {
         return LLAMA_TOKEN_NULL;
     }
     return token;

@@ -31,6 +31,14 @@ LLAMABIND_SHIM_API int32_t llamabind_sampler_apply(struct llama_sampler * smpl, 
 LLAMABIND_SHIM_API llama_token llamabind_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx,
                                                         int32_t idx, char * err, size_t err_size);
 
+/* llamabind_sampler_sample for a chain whose member 0 is a grammar, as llama-server samples: the
+   rest of the chain picks a token over every candidate and the grammar only checks that one token;
+   only when it rejects it is the grammar applied to every candidate and the rest run again. A
+   grammar over a large vocabulary then costs one check per token instead of a pass over all of it.
+   The token is accepted into the whole chain. */
+LLAMABIND_SHIM_API llama_token llamabind_sampler_sample_checked(struct llama_sampler * chain, struct llama_context * ctx,
+                                                                int32_t idx, char * err, size_t err_size);
+
 /* llama_sampler_init_grammar_lazy_patterns (a plain grammar with no triggers when both counts
    are 0): NULL with err set when the grammar does not parse or a trigger pattern is not a
    valid regular expression (std::regex would throw). */

@@ -75,6 +75,8 @@ class Sampler(Handle):
         # Pure greedy (alone or as the only member of a chain): the arg-max of the logits, taken
         # without building llama.cpp's candidate array (about 1 ms per token for 262k tokens).
         self._greedy = what == "greedy"
+        # A chain that starts with a grammar: the rest picks and the grammar checks (see sample_fast).
+        self._checked = False
 
     # -- built-in samplers ------------------------------------------------------------------
     @classmethod
@@ -227,10 +229,10 @@ class Sampler(Handle):
                     logit_bias: Mapping[int, float] | None = None) -> "Sampler":
         """The usual chain from the usual knobs; ``temperature`` <= 0 means greedy."""
         parts: list[Sampler] = []
+        if grammar:  # first: then it only checks the token the rest picks (see sample_fast)
+            parts.append(cls.grammar(vocab, grammar))
         if logit_bias:
             parts.append(cls.logit_bias(vocab.n_tokens, logit_bias))
-        if grammar:
-            parts.append(cls.grammar(vocab, grammar))
         if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
             parts.append(cls.penalties(repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
         if temperature <= 0:
@@ -267,6 +269,7 @@ class Sampler(Handle):
                 self._vocab, self._n_vocab = sampler._vocab, sampler._n_vocab
                 sampler._vocab.model.adopt(self)
             self._greedy = pos == 0 and sampler._greedy
+            self._checked = pos > 0 and (0,) in self._grammar_paths
             sampler._detach()
 
     def __len__(self) -> int:
@@ -402,7 +405,7 @@ class Sampler(Handle):
             raise InvalidInputError("samplers written in Python cannot be cloned")
         with self._inside() as ptr:
             twin = Sampler(lib.llama_sampler_clone(ptr), self._what, vocab=self._vocab, n_vocab=self._n_vocab)
-        twin._grammar_paths, twin._greedy = list(self._grammar_paths), self._greedy
+        twin._grammar_paths, twin._greedy, twin._checked = list(self._grammar_paths), self._greedy, self._checked
         return twin
 
 
@@ -417,7 +420,9 @@ def sample_fast(sampler: Sampler, ctx: "Context", idx: int) -> int:
 
     Greedy samplers over large vocabularies are a numpy arg-max over the logits (the first
     maximum, as llama.cpp's); the rest go through the shim's checked llama_sampler_sample, with
-    the context marked as inside C (a Python sampler calling back into it is refused).
+    the context marked as inside C (a Python sampler calling back into it is refused). A chain
+    that starts with a grammar samples as llama-server does: the rest of the chain picks, the
+    grammar checks that one token, and only a rejected token costs a pass over every candidate.
     """
     cptr, n_vocab = ctx.ptr, ctx.n_vocab
     if sampler._greedy and n_vocab >= 16384:
@@ -431,7 +436,8 @@ def sample_fast(sampler: Sampler, ctx: "Context", idx: int) -> int:
         ptr = sampler._usable()
         gate.in_c = own.in_c = True
         try:
-            tok = lib.llamabind_sampler_sample(ptr, cptr, idx, _err.buf, 512)
+            tok = (lib.llamabind_sampler_sample_checked if sampler._checked else lib.llamabind_sampler_sample)(
+                ptr, cptr, idx, _err.buf, 512)
         finally:
             gate.in_c = own.in_c = False
         if tok < 0:
