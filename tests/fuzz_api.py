@@ -182,26 +182,6 @@ def fresh_batch(ctx, n, seq=0, logits="all"):
 
 OK_ERRORS = (lb.LlamaError, ValueError, TypeError, Boom)
 
-def close_during_decode(ctx, victim, n, delay):
-    """Decode n tokens in a thread (slowed by an abort callback) and close ``victim`` meanwhile."""
-    errors = []
-    b = fresh_batch(ctx, n)
-    ctx.set_abort_callback(lambda: time.sleep(0.0002) or False)
-    def work():
-        try:
-            ctx.decode(b)
-        except BaseException as e:
-            errors.append(e)
-    t = threading.Thread(target=work)
-    t.start()
-    time.sleep(delay)
-    victim.close()
-    t.join(60)
-    assert not t.is_alive(), "decode thread hung after close"
-    for e in errors:
-        if not isinstance(e, OK_ERRORS):
-            raise e
-
 def decode_in_threads(ctx, n, k):
     """k threads decoding into distinct sequences of one context at once."""
     errors = []
@@ -273,10 +253,11 @@ MUTATIONS = {
     "model_close": lambda c: c.model.close(),
 }
 
-def mutate_during_decode(ctx, op, delay):
-    """Decode in a thread (slowed by an abort callback); ``op`` from this thread meanwhile."""
+def mutate_during_decode(ctx, op, delay, n=16):
+    """Decode n tokens in a thread (slowed by an abort callback); ``op`` (closing the context or its
+    model among them) from this thread meanwhile."""
     errors = []
-    b = fresh_batch(ctx, 16)
+    b = fresh_batch(ctx, n)
     ctx.set_abort_callback(lambda: time.sleep(0.0002) or False)
     def work():
         try:
@@ -1010,11 +991,10 @@ class ApiMachine(RuleBasedStateMachine):
         self.run(f"_ = abort_during_generate({c}, {prompt}, {delay})", tag="noncausal_gen" if c in self.noncausal else None)
 
     # -- threads --------------------------------------------------------------------------------
-    @rule(c=contexts, victim=st.sampled_from(["ctx", "model"]), n=st.sampled_from([8, 32, 64]),
+    @rule(c=contexts, victim=st.sampled_from(["close", "model_close"]), n=st.sampled_from([8, 32, 64]),
           delay=st.sampled_from([0.0, 0.002, 0.01]))
     def close_during_decode(self, c, victim, n, delay):
-        who = c if victim == "ctx" else f"{c}.model"
-        self.run(f"close_during_decode({c}, {who}, {n}, {delay})", tag="close_thread")
+        self.run(f"mutate_during_decode({c}, {victim!r}, {delay}, {n})", tag="close_thread")
 
     @rule(c=contexts, more=st.sampled_from(["()", "(lb.Sampler.grammar({c}.model.vocab, 'root ::= [a-z]+'),)",
                                              "(lb.Sampler.top_k(5), lb.Sampler.penalties(8, 1.2))"]),

@@ -28,11 +28,13 @@ def prompt_logits():
 """
 
 
-def run_isolated(model_path: str, body: str) -> str:
-    code = PRELUDE + textwrap.dedent(body) + "\nprint('OK')\n"
-    p = subprocess.run([sys.executable, "-c", code, model_path], capture_output=True, text=True, timeout=120)
+def run_isolated(model_path: str, body: str, prelude: str = PRELUDE, env: dict | None = None) -> str:
+    """Run ``prelude`` + ``body`` in a fresh interpreter; it must exit 0 having printed OK."""
+    code = prelude + textwrap.dedent(body) + "\nprint('OK', flush=True)\n"
+    p = subprocess.run([sys.executable, "-c", code, model_path], capture_output=True, text=True, timeout=120,
+                       env=env)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert p.stdout.strip().endswith("OK"), p.stdout
+    assert "OK" in p.stdout.split(), p.stdout
     return p.stdout
 
 

@@ -5,11 +5,10 @@ fresh interpreter (a crash fails its own test with the signal). Freed memory is 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from test_hardening import run_isolated
 
 PRELUDE = """
 import gc, sys, threading, time
@@ -39,14 +38,8 @@ def in_thread(fn):
 """
 
 
-def run_isolated(model_path: str, body: str, timeout: float = 120) -> str:
-    code = PRELUDE + textwrap.dedent(body) + "\nprint('OK', flush=True)\n"
-    env = {**os.environ, "MALLOC_PERTURB_": "165"}
-    p = subprocess.run([sys.executable, "-c", code, model_path], capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert "OK" in p.stdout.split(), p.stdout
-    return p.stdout
+def run_threads(model_path: str, body: str) -> str:
+    return run_isolated(model_path, body, PRELUDE, {**os.environ, "MALLOC_PERTURB_": "165"})
 
 
 CASES = {
@@ -305,10 +298,10 @@ SLOW_CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_threads(tiny_model_path, name):
-    run_isolated(tiny_model_path, CASES[name])
+    run_threads(tiny_model_path, CASES[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SLOW_CASES))
 def test_threads_mid_decode(gemma_path, name):
-    run_isolated(gemma_path, SLOW_CASES[name])
+    run_threads(gemma_path, SLOW_CASES[name])
