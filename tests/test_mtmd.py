@@ -514,11 +514,15 @@ def test_chat_parts(mctx, model, files):
 # -- CLI --------------------------------------------------------------------------------------
 
 def cli_args(files, **kw) -> argparse.Namespace:
-    ns = dict(model=files["model"], prompt=PROMPT, n_predict=24, temp=0.0, seed=None, top_k=40, top_p=0.95,
-              min_p=0.05, repeat_penalty=1.0, grammar_file=None, stop=[], json=True, threads=THREADS,
-              ctx_size=N_CTX, n_gpu_layers=0, mmproj=files["vision"], image=[files["png"]], audio=[], verbose=0)
-    ns.update(kw)
-    return argparse.Namespace(**ns)
+    """``generate``'s arguments as its own parser makes them (every option it has), then ``kw``."""
+    from llamabind.cli import build_parser
+
+    ns = build_parser().parse_args(["generate", "-m", files["model"], "-p", PROMPT, "-n", "24", "--temp", "0",
+                                    "--json", "-t", str(THREADS), "-c", str(N_CTX), "-ngl", "0",
+                                    "--mmproj", files["vision"], "--image", files["png"]])
+    for key, value in kw.items():
+        setattr(ns, key, value)
+    return ns
 
 
 def test_cli_run_generate_mm(files, capsys, baseline):
