@@ -5,8 +5,9 @@ one context) behind /v1/chat/completions, /v1/completions, /v1/embeddings and /v
 
 Then point any OpenAI client at http://127.0.0.1:8080/v1 (``PORT`` in the environment moves it).
 Without MODEL it serves the default chat model, SmolLM2-135M-Instruct, and gives chats that bring
-no system message the one ``python -m llamabind chat`` uses: the template's own default makes this
-small model ramble ("What is the capital of France?" -> "L'Etoile, la Marseillaise, ...").
+no system message the one ``python -m llamabind chat`` uses (``create_app(system=...)``): the
+template's own default makes this small model ramble ("What is the capital of France?" ->
+"L'Etoile, la Marseillaise, ...").
 """
 
 import os
@@ -19,19 +20,8 @@ from llamabind.models import CHAT_MODEL_SYSTEM, default_chat_model_path
 from llamabind.server import create_app
 
 
-class WithSystem(lb.AsyncEngine):
-    """An engine that puts ``CHAT_MODEL_SYSTEM`` in front of chats without a system message."""
-
-    def stream(self, **options):
-        messages = options.get("messages")
-        if isinstance(messages, list) and messages and not any(
-                isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
-            options["messages"] = [{"role": "system", "content": CHAT_MODEL_SYSTEM}, *messages]
-        return super().stream(**options)
-
-
 model = lb.Model(sys.argv[1] if len(sys.argv) > 1 else default_chat_model_path())
 engine = lb.Engine.load(model, n_slots=4, n_ctx=8192)
-app = create_app(WithSystem(engine) if len(sys.argv) < 2 else lb.AsyncEngine(engine),
-                 embedding_model=sys.argv[2] if len(sys.argv) > 2 else None, embedding_pooling="mean")
+app = create_app(engine, embedding_model=sys.argv[2] if len(sys.argv) > 2 else None, embedding_pooling="mean",
+                 system=CHAT_MODEL_SYSTEM if len(sys.argv) < 2 else None)
 uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8080")))

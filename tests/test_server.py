@@ -376,3 +376,22 @@ def test_server_benchmark_runs_against_llama_server(tiny_model_path, native_tool
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["impl"] for r in rows} == {"llamabind-server", "llama-server"}
     assert all(r["requests"] == 4 and r["tokens"] > 0 and r["ttft_p50"] > 0 for r in rows)
+
+
+def test_a_system_message_for_chats_that_bring_none(tmp_path):
+    """``create_app(system=...)`` (``serve --system``) goes in front of chats without a system message
+    of their own, and nowhere else: the rendered prompt grows by it only there."""
+    path = write_tiny_llama(tmp_path / "qwen3-tiny.gguf", template=(TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text())
+    own = [{"role": "system", "content": "Be brief."}, *ASK]
+
+    def prompt_tokens(system: str | None) -> tuple[int, int]:
+        with lb.Model(path) as model:
+            with serving(create_app(model, model_name="tiny", n_slots=1, n_ctx=512, n_threads=1,
+                                    system=system)) as url:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+                bare, with_own = (client.chat.completions.create(model="tiny", messages=m, max_tokens=1).usage
+                                  for m in (ASK, own))
+                return bare.prompt_tokens, with_own.prompt_tokens
+
+    plain, given = prompt_tokens(None), prompt_tokens("You are a helpful assistant who answers questions.")
+    assert given[0] > plain[0] and given[1] == plain[1], (plain, given)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import make_sampler, model_args, open_model, sampling_args
+from .common import make_sampler, model_args, open_model, sampling_args, system_of
 
 
 def add_parser(sub) -> None:
@@ -24,9 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import llamabind as lb
 
-    from ..models import CHAT_MODEL_SYSTEM
-
-    system = args.system if args.system is not None or args.model else CHAT_MODEL_SYSTEM
+    system = system_of(args)
     model, ctx = open_model(args, chat=True)
     messages = [{"role": "system", "content": system}] if system else []
     with model, ctx:

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from typing import Any
 
 
 def model_args(p: argparse.ArgumentParser, *, required: bool = False, what: str = "GGUF model",
@@ -151,3 +152,10 @@ def print_events(events, as_json: bool, prompt_note: str = "") -> None:
             print(f"[{ev.finish_reason}: {ev.usage.prompt_tokens} prompt{prompt_note}, "
                   f"{ev.usage.completion_tokens} generated; prompt {t.prompt_tps:.1f} tok/s, "
                   f"generation {t.generation_tps:.1f} tok/s]", file=sys.stderr)
+
+
+def system_of(args: Any) -> str | None:
+    """--system, else (the default chat model: no -m) the system message ``chat`` and ``serve`` give it."""
+    from ..models import CHAT_MODEL_SYSTEM
+
+    return args.system if args.system is not None or args.model else CHAT_MODEL_SYSTEM

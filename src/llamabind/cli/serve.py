@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Iterator
 
-from .common import model_args, model_path, progress_bar
+from .common import model_args, model_path, progress_bar, system_of
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch (default: 512)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond it get 503 (default: 256)")
     p.add_argument("--alias", help="the model's name in the API (default: the file name)")
+    p.add_argument("--system", default=None,
+                   help="system message for chats that bring none (default: the template's own; with the default "
+                        "chat model: 'You are a helpful AI assistant.', as chat uses)")
     p.add_argument("--embedding-model", help="a GGUF embedding model for /v1/embeddings")
     p.add_argument("--pooling", choices=["mean", "cls", "last"],
                    help="the embedding model's pooling (default: its own)")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                          n_threads=args.threads, embedding_model=args.embedding_model,
                          embedding_pooling=args.pooling, max_queue=args.max_queue,
                          n_batch=args.batch_size, n_ubatch=args.ubatch_size, limits=limits_of(args), api_keys=keys,
-                         metrics=args.metrics)
+                         metrics=args.metrics, system=system_of(args))
         print(f"serving {app.state.server.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5)

@@ -103,8 +103,8 @@ class Server:
     """What the routes share: the engine (driven by its thread), the names, the embedder."""
 
     def __init__(self, engine: AsyncEngine, name: str, embedder: Embedder | None, embedding_name: str,
-                 owned: list[Any], limits: Limits) -> None:
-        self.engine, self.name, self.limits = engine, name, limits
+                 owned: list[Any], limits: Limits, system: str | None = None) -> None:
+        self.engine, self.name, self.limits, self.system = engine, name, limits, system
         self.embedder, self.embedding_name = embedder, embedding_name
         self._owned = owned
         self._embed_lock = anyio.Lock()
@@ -293,7 +293,7 @@ def create_app(model: Source, *, model_name: str | None = None, n_slots: int = 4
                n_threads: int | None = None, embedding_model: str | os.PathLike | Model | Embedder | None = None,
                embedding_name: str | None = None, embedding_pooling: str | None = None, max_queue: int = 256,
                limits: Limits | None = None, api_keys: Iterable[str] = (), metrics: bool = False,
-               **ctx_params: Any) -> Starlette:
+               system: str | None = None, **ctx_params: Any) -> Starlette:
     """The OpenAI-compatible app over ``model``: a GGUF path or Model (an engine of ``n_slots``
     sequences sharing ``n_ctx`` KV cells is made), or an Engine / AsyncEngine to serve as it is.
     The app closes what it made, and the engine it drives, when it shuts down.
@@ -301,7 +301,8 @@ def create_app(model: Source, *, model_name: str | None = None, n_slots: int = 4
     output (``embedding_pooling``: mean, cls, last; default: the model's own). ``limits``: what one
     request may ask (body size and nesting, prompt and output tokens, grammars and schemas).
     ``api_keys``: when given, every endpoint but ``/health`` answers 401 without one of them.
-    ``metrics``: serve ``/metrics`` (Prometheus text, llama-server's names)."""
+    ``metrics``: serve ``/metrics`` (Prometheus text, llama-server's names). ``system``: a system
+    message for chats that bring none (llama-server adds none: the template's default applies)."""
     owned: list[Any] = []
     try:
         if isinstance(model, AsyncEngine):
@@ -326,7 +327,7 @@ def create_app(model: Source, *, model_name: str | None = None, n_slots: int = 4
             thing.close()
         raise
     srv = Server(aeng, _name(getattr(aeng.engine.ctx, "model", model), model_name), emb,
-                 _name(embedding_model, embedding_name) if emb is not None else "", owned, limits or Limits())
+                 _name(embedding_model, embedding_name) if emb is not None else "", owned, limits or Limits(), system)
     return _routes(srv, api_keys, metrics)
 
 
@@ -372,7 +373,7 @@ def _routes(srv: Server, api_keys: Iterable[str], with_metrics: bool) -> Starlet
     async def chat(request: HTTPRequest) -> Response:
         body = await body_of(request)
         srv.check_model(body, (srv.name,))
-        return await srv.answer(request, "chat", chat_call(body, srv.n_ctx_seq, lim))
+        return await srv.answer(request, "chat", chat_call(body, srv.n_ctx_seq, lim, srv.system))
 
     @api
     async def completions(request: HTTPRequest) -> Response:

@@ -191,8 +191,9 @@ def _common(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
     return Call(opts, stream, usage)
 
 
-def chat_call(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
-    """A ``/v1/chat/completions`` body as an engine request."""
+def chat_call(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits, system: str | None = None) -> Call:
+    """A ``/v1/chat/completions`` body as an engine request; ``system`` goes in front of messages
+    that bring no system (or developer) message of their own."""
     call = _common(body, n_ctx_seq, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -201,6 +202,8 @@ def chat_call(body: Mapping[str, Any], n_ctx_seq: int, limits: Limits) -> Call:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}]", f"messages[{i}] must be an object with a 'role'")
     opts = call.options
+    if system and not any(m["role"] in ("system", "developer") for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
     opts["messages"] = messages
     if _get(body, "logprobs", bool, "a boolean"):
         opts["logprobs"] = True
