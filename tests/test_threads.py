@@ -187,7 +187,13 @@ CASES = {
         refused(lambda: eng.submit(prompt=list(range(1, 300)) * 4, sampler=s), lb.ContextOverflowError)
         assert not s.closed
         eng.submit(prompt="hello", max_tokens=2, sampler=s)
-        eng.run(); eng.close()
+        eng.run()
+        mine = lb.Sampler.chain(lb.Sampler.top_k(3), lb.Sampler.dist(1))
+        state = eng.prepare(prompt="hello", max_tokens=2, sampler=mine)  # accepted, then the engine closes
+        eng.close()
+        refused(lambda: eng.enqueue(state), ClosedError)
+        assert not mine.closed and mine.sample is not None
+        mine.take("someone else")  # the caller's again, free to give to another engine
     """,
     # close() with a Python abort callback installed aborts the running decode (it waited for all of it)
     "close_aborts_under_a_python_abort_callback": """

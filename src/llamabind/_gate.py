@@ -100,15 +100,9 @@ class Gate:
             if self._owner is owner:
                 self._owner = None
 
-    @property
-    def owner(self) -> object:
-        return self._owner
-
-    def shut(self, abort: Any = None) -> bool:
-        """Mark closing, call ``abort()`` if another thread is inside, and wait for it to leave.
-
-        True when the caller may free now; BusyError when called from inside a callback.
-        """
+    def shut(self, abort: Any = None) -> None:
+        """Mark closing, call ``abort()`` if another thread is inside, and wait for it to leave
+        (then the caller may free); BusyError when called from inside a callback."""
         me = _ident()
         with self._mutex:
             if self._thread == me and self.in_c:
@@ -123,7 +117,6 @@ class Gate:
                         self._idle.wait()
                 finally:
                     self._closers -= 1
-        return True
 
 
 class _Use:
@@ -169,7 +162,7 @@ class SharedGate:
                 self._inside[me] = n
             else:
                 del self._inside[me]
-                if not self._inside:
+                if not self._inside and self.closing:
                     self._idle.notify_all()
 
     def shut(self) -> None:

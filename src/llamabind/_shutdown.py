@@ -20,6 +20,7 @@ _models: "weakref.WeakSet[Model]" = weakref.WeakSet()
 
 def at_exit(stop: Callable[[float], None]) -> None:
     """Call the bound method ``stop(timeout)`` at exit (held weakly), before any model closes."""
+    _stoppers[:] = [ref for ref in _stoppers if ref() is not None]  # drivers long gone
     _stoppers.append(weakref.WeakMethod(stop))  # type: ignore[arg-type]
 
 

@@ -166,8 +166,10 @@ class Engine:
         except ClosedError:
             with self._lock:
                 self._n_waiting -= 1
-            if state.sampler is not None:
-                state.sampler.close()
+            if state.sampler is not None and state.sampler is state.req.sampler:
+                state.sampler._owner = None  # refused: the caller's again
+            elif state.sampler is not None:
+                state.sampler.close()  # made for the request
             raise
         self._inbox.append(("submit", state))
         self.wake.set()
