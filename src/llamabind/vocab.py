@@ -60,16 +60,13 @@ class Vocab:
         self.n_tokens: int = lib.llama_vocab_n_tokens(self._vptr)
         self._pieces = model._pieces  # token pieces never change: one cache per model
         self._texts = model._texts
-        # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
-        wpm = lib.llama_vocab_type(self._vptr) == lib.LLAMA_VOCAB_TYPE_WPM
-        no_bos = lib.llama_vocab_bos(self._vptr) == TOKEN_NULL
-        no_sep = lib.llama_vocab_sep(self._vptr) == TOKEN_NULL
-        self._can_add_special = not (((wpm or lib.llama_vocab_get_add_bos(self._vptr)) and no_bos)
-                                     or (wpm and no_sep))
         v = self._vptr  # facts read once, while the model is surely open
-        self._facts = {name: _token_or_none(getattr(lib, f"llama_vocab_{name}")(v)) for name in _SPECIALS}
-        self._facts.update(type=lib.llama_vocab_type(v), add_bos=bool(lib.llama_vocab_get_add_bos(v)),
-                           add_eos=bool(lib.llama_vocab_get_add_eos(v)))
+        f = self._facts = {name: _token_or_none(getattr(lib, f"llama_vocab_{name}")(v)) for name in _SPECIALS}
+        f.update(type=lib.llama_vocab_type(v), add_bos=bool(lib.llama_vocab_get_add_bos(v)),
+                 add_eos=bool(lib.llama_vocab_get_add_eos(v)))
+        # llama.cpp asserts (aborts) when asked to add a BOS/SEP the vocab does not have.
+        wpm = f["type"] == lib.LLAMA_VOCAB_TYPE_WPM
+        self._can_add_special = not (((wpm or f["add_bos"]) and f["bos"] is None) or (wpm and f["sep"] is None))
 
     @property
     def model(self) -> "Model":
